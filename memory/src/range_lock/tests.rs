@@ -1,0 +1,203 @@
+use std::sync::mpsc;
+use std::thread;
+use std::time::Duration;
+
+use super::*;
+
+const PAGE: u64 = 4096;
+
+fn small(mode: LockMode) -> RangeLock {
+    // 4 buckets of 4 KiB: small enough that wrapping and wide ranges are easy to reach.
+    RangeLock::with_geometry(mode, PAGE, 4).unwrap()
+}
+
+#[test]
+fn adjacent_ranges_do_not_conflict() {
+    let lock = RangeLock::new(LockMode::Range);
+    let a = lock.write(0..4096).unwrap();
+    let b = lock.try_write(4096..8192).unwrap();
+    assert!(b.is_some(), "[0,4096) and [4096,8192) must not conflict");
+    // One byte of overlap does conflict.
+    assert!(lock.try_read(4095..4097).unwrap().is_none());
+    drop(a);
+    drop(b);
+    assert!(lock.is_idle());
+}
+
+#[test]
+fn empty_and_inverted_ranges_are_errors() {
+    let lock = RangeLock::new(LockMode::Range);
+    assert_eq!(
+        lock.write(10..10).unwrap_err(),
+        RangeLockError::EmptyRange { start: 10, end: 10 }
+    );
+    #[allow(clippy::reversed_empty_ranges)]
+    let inverted = 20..10;
+    assert_eq!(
+        lock.try_read(inverted).unwrap_err(),
+        RangeLockError::InvertedRange { start: 20, end: 10 }
+    );
+    assert!(lock.is_idle());
+}
+
+#[test]
+fn bad_geometry_is_an_error() {
+    assert!(RangeLock::with_geometry(LockMode::Range, 3000, 4).is_err());
+    assert!(RangeLock::with_geometry(LockMode::Range, 4096, 6).is_err());
+    assert!(RangeLock::with_geometry(LockMode::Range, 1, 4).is_err());
+}
+
+#[test]
+fn readers_share_writers_exclude() {
+    let lock = small(LockMode::Range);
+    let r1 = lock.read(0..8192).unwrap();
+    let r2 = lock.try_read(4096..12288).unwrap();
+    assert!(r2.is_some());
+    assert!(lock.try_write(8000..8001).unwrap().is_none());
+    assert!(lock.try_write(12288..16384).unwrap().is_some());
+    drop(r1);
+    assert!(lock.try_write(0..4096).unwrap().is_some());
+    assert!(lock.try_write(8191..8192).unwrap().is_none());
+    drop(r2);
+    assert!(lock.is_idle());
+}
+
+#[test]
+fn ranges_at_the_top_of_the_address_space() {
+    let lock = small(LockMode::Range);
+    let top = lock.write(u64::MAX - 10..u64::MAX).unwrap();
+    assert!(lock.try_write(u64::MAX - 1..u64::MAX).unwrap().is_none());
+    assert!(lock
+        .try_write(u64::MAX - 4096 * 3..u64::MAX - 10)
+        .unwrap()
+        .is_some());
+    drop(top);
+    let all = lock.write(0..u64::MAX).unwrap();
+    assert!(lock.try_read(1 << 40..(1 << 40) + 1).unwrap().is_none());
+    drop(all);
+    assert!(lock.is_idle());
+}
+
+#[test]
+fn wrapping_and_wide_ranges_conflict_exactly() {
+    let lock = small(LockMode::Range);
+    // Granules 3, 4, 5 -> buckets 3, 0, 1 (wraps).
+    let wrap = lock.write(3 * PAGE + 100..5 * PAGE + 100).unwrap();
+    // Granule 0 aliases bucket 0 with granule 4 but does not overlap.
+    assert!(lock.try_write(0..PAGE).unwrap().is_some());
+    assert!(lock.try_write(5 * PAGE + 100..6 * PAGE).unwrap().is_some());
+    assert!(lock
+        .try_read(5 * PAGE + 99..5 * PAGE + 100)
+        .unwrap()
+        .is_none());
+    assert!(lock.try_read(3 * PAGE..3 * PAGE + 100).unwrap().is_some());
+    drop(wrap);
+    // Eight granules cover every bucket twice: a wide entry.
+    let wide = lock.read(PAGE..9 * PAGE).unwrap();
+    assert!(lock.try_read(0..2 * PAGE).unwrap().is_some());
+    assert!(lock.try_write(0..PAGE).unwrap().is_some());
+    assert!(lock
+        .try_write(8 * PAGE + 5..8 * PAGE + 6)
+        .unwrap()
+        .is_none());
+    assert!(lock.try_write(9 * PAGE..20 * PAGE).unwrap().is_some());
+    drop(wide);
+    assert!(lock.is_idle());
+}
+
+#[test]
+fn global_mode_serializes_disjoint_writers() {
+    let lock = small(LockMode::Global);
+    assert_eq!(lock.buckets(), 1);
+    let a = lock.write(0..PAGE).unwrap();
+    assert_eq!(a.range(), 0..u64::MAX);
+    assert!(lock.try_write(1 << 30..(1 << 30) + PAGE).unwrap().is_none());
+    // Readers still share in global mode.
+    drop(a);
+    let r = lock.read(0..1).unwrap();
+    assert!(lock.try_read(1 << 20..(1 << 20) + 1).unwrap().is_some());
+    drop(r);
+    assert!(lock.is_idle());
+}
+
+#[test]
+fn blocked_writer_is_woken_by_release() {
+    let lock = small(LockMode::Range);
+    let held = lock.read(0..3 * PAGE).unwrap();
+    let (tx, rx) = mpsc::channel();
+    thread::scope(|s| {
+        s.spawn(|| {
+            let g = lock.write(2 * PAGE..5 * PAGE).unwrap();
+            tx.send(g.blockers()).unwrap();
+        });
+        // The writer cannot get in while the read guard is held.
+        assert!(rx.recv_timeout(Duration::from_millis(50)).is_err());
+        drop(held);
+        // One blocker per shared bucket the two ranges overlap in: granule 2.
+        assert_eq!(rx.recv_timeout(Duration::from_secs(10)).unwrap(), 1);
+    });
+    assert!(lock.is_idle());
+}
+
+#[test]
+fn reader_queues_behind_waiting_writer() {
+    // FIFO: a reader that arrives after a queued writer does not overtake it, even
+    // though it overlaps only readers that hold the range.
+    let lock = small(LockMode::Range);
+    let r1 = lock.read(0..PAGE).unwrap();
+    thread::scope(|s| {
+        let writer = s.spawn(|| lock.write(0..PAGE).map(|g| g.blockers()));
+        // Wait until the writer is queued.
+        while lock.try_read(0..PAGE).unwrap().is_some() {
+            thread::yield_now();
+        }
+        assert!(lock.try_read(0..PAGE).unwrap().is_none());
+        drop(r1);
+        assert_eq!(writer.join().unwrap().unwrap(), 1);
+    });
+    assert!(lock.is_idle());
+}
+
+#[test]
+fn disjoint_blockers_counted_only_in_global_mode() {
+    for (mode, expect) in [(LockMode::Range, 0), (LockMode::Global, 1)] {
+        let lock = small(mode);
+        let a = lock.write(0..PAGE).unwrap();
+        thread::scope(|s| {
+            let other = s.spawn(|| {
+                let g = lock.write(0..PAGE / 2).unwrap();
+                let g2 = lock.try_write(10 * PAGE..11 * PAGE).unwrap();
+                (g.disjoint_blockers(), g2.is_some())
+            });
+            thread::sleep(Duration::from_millis(20));
+            drop(a);
+            let (disjoint, second) = other.join().unwrap();
+            assert_eq!(disjoint, 0, "{mode}: [0,2048) overlaps [0,4096)");
+            assert_eq!(second, expect == 0, "{mode}");
+        });
+        let b = lock.write(0..PAGE).unwrap();
+        thread::scope(|s| {
+            let other = s.spawn(|| lock.write(5 * PAGE..6 * PAGE).unwrap().disjoint_blockers());
+            thread::sleep(Duration::from_millis(20));
+            drop(b);
+            assert_eq!(other.join().unwrap(), expect, "{mode}");
+        });
+        assert!(lock.is_idle());
+    }
+}
+
+#[test]
+fn lock_mode_parses() {
+    assert_eq!("range".parse::<LockMode>().unwrap(), LockMode::Range);
+    assert_eq!("global".parse::<LockMode>().unwrap(), LockMode::Global);
+    assert!("mmap_sem".parse::<LockMode>().is_err());
+    assert_eq!(LockMode::Global.to_string(), "global");
+}
+
+#[test]
+fn footprint_is_reported() {
+    let lock = RangeLock::new(LockMode::Range);
+    assert_eq!(lock.buckets(), DEFAULT_BUCKETS);
+    assert!(lock.footprint() >= DEFAULT_BUCKETS * 64);
+    assert!(RangeLock::entry_size() <= 72);
+}
