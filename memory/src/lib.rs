@@ -6,4 +6,4 @@
 
 pub mod range_lock;
 
-pub use range_lock::{Access, LockMode, RangeGuard, RangeLock, RangeLockError};
+pub use range_lock::{Access, LockMode, Pending, RangeGuard, RangeLock, RangeLockError};

@@ -37,6 +37,11 @@ impl Waiter {
         }
     }
 
+    /// True once every earlier conflicting entry has been released.
+    pub(crate) fn is_granted(&self) -> bool {
+        self.pending.load(Ordering::Acquire) == 0
+    }
+
     /// Blocks until every earlier conflicting entry has been released.
     pub(crate) fn wait(&self) {
         let mut granted = lock(&self.granted);

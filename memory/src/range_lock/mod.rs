@@ -195,14 +195,12 @@ impl RangeLock {
 
     /// Blocks until `range` is held shared.
     pub fn read(&self, range: Range<u64>) -> Result<RangeGuard<'_>, RangeLockError> {
-        self.acquire(range, Access::Read, true)
-            .map(|g| g.unwrap_or_else(|| unreachable!("blocking acquire returns a guard")))
+        self.lock(range, Access::Read)
     }
 
     /// Blocks until `range` is held exclusively.
     pub fn write(&self, range: Range<u64>) -> Result<RangeGuard<'_>, RangeLockError> {
-        self.acquire(range, Access::Write, true)
-            .map(|g| g.unwrap_or_else(|| unreachable!("blocking acquire returns a guard")))
+        self.lock(range, Access::Write)
     }
 
     /// Blocks until `range` is held with `access`.
@@ -211,20 +209,41 @@ impl RangeLock {
         range: Range<u64>,
         access: Access,
     ) -> Result<RangeGuard<'_>, RangeLockError> {
-        self.acquire(range, access, true)
-            .map(|g| g.unwrap_or_else(|| unreachable!("blocking acquire returns a guard")))
+        Ok(self.enqueue(range, access)?.wait())
     }
 
     /// Takes `range` shared if nothing conflicting is held or queued; `Ok(None)` if it
     /// would have to wait.
     pub fn try_read(&self, range: Range<u64>) -> Result<Option<RangeGuard<'_>>, RangeLockError> {
-        self.acquire(range, Access::Read, false)
+        self.try_lock(range, Access::Read)
     }
 
     /// Takes `range` exclusively if nothing overlapping is held or queued; `Ok(None)`
     /// if it would have to wait.
     pub fn try_write(&self, range: Range<u64>) -> Result<Option<RangeGuard<'_>>, RangeLockError> {
-        self.acquire(range, Access::Write, false)
+        self.try_lock(range, Access::Write)
+    }
+
+    /// Takes `range` with `access` if that needs no waiting; `Ok(None)` otherwise.
+    pub fn try_lock(
+        &self,
+        range: Range<u64>,
+        access: Access,
+    ) -> Result<Option<RangeGuard<'_>>, RangeLockError> {
+        Ok(self.acquire(range, access, false)?.map(|p| p.guard))
+    }
+
+    /// Queues a request for `range` and returns at once. The request keeps its place
+    /// (FIFO among overlapping requests) until [`Pending::wait`] turns it into a guard
+    /// or the `Pending` is dropped, which withdraws it. A postcopy fetch can queue on
+    /// a page, send its network request, and only then wait.
+    pub fn enqueue(
+        &self,
+        range: Range<u64>,
+        access: Access,
+    ) -> Result<Pending<'_>, RangeLockError> {
+        self.acquire(range, access, true)
+            .map(|p| p.unwrap_or_else(|| unreachable!("a blocking request is always queued")))
     }
 
     /// True if no range is held or queued.
@@ -293,7 +312,7 @@ impl RangeLock {
         range: Range<u64>,
         access: Access,
         block: bool,
-    ) -> Result<Option<RangeGuard<'_>>, RangeLockError> {
+    ) -> Result<Option<Pending<'_>>, RangeLockError> {
         let (req_start, req_end) = (range.start, range.end);
         if req_start == req_end {
             return Err(RangeLockError::EmptyRange {
@@ -342,10 +361,8 @@ impl RangeLock {
                 wide,
             );
             drop(state);
-            if let Some(w) = waiter {
-                w.wait();
-            }
-            return Ok(Some(RangeGuard::new(self, start, end, access, seq, found)));
+            let guard = RangeGuard::new(self, start, end, access, seq, found);
+            return Ok(Some(Pending { guard, waiter }));
         }
 
         // General path: take every bucket's mutex in ascending order.
@@ -377,10 +394,8 @@ impl RangeLock {
             );
         }
         drop(held);
-        if let Some(w) = waiter {
-            w.wait();
-        }
-        Ok(Some(RangeGuard::new(self, start, end, access, seq, found)))
+        let guard = RangeGuard::new(self, start, end, access, seq, found);
+        Ok(Some(Pending { guard, waiter }))
     }
 
     fn release(&self, start: u64, end: u64, seq: u64) {
@@ -388,6 +403,29 @@ impl RangeLock {
             let removed = self.buckets[b].lock().remove(s, seq, wide);
             debug_assert!(removed, "released range was not in bucket {b}");
         });
+    }
+}
+
+/// A queued request; see [`RangeLock::enqueue`]. Dropping it withdraws the request.
+#[must_use = "the request is withdrawn as soon as it is dropped"]
+#[derive(Debug)]
+pub struct Pending<'a> {
+    guard: RangeGuard<'a>,
+    waiter: Option<Arc<Waiter>>,
+}
+
+impl<'a> Pending<'a> {
+    /// True once every earlier conflicting request has been released.
+    pub fn is_granted(&self) -> bool {
+        self.waiter.as_ref().is_none_or(|w| w.is_granted())
+    }
+
+    /// Blocks until the range is held.
+    pub fn wait(self) -> RangeGuard<'a> {
+        if let Some(w) = &self.waiter {
+            w.wait();
+        }
+        self.guard
     }
 }
 
