@@ -4,6 +4,12 @@
 //! takes the [`range_lock::RangeLock`] over the guest-physical range it touches, in the
 //! mode DESIGN.md's "who locks what" table gives.
 
+pub mod guest_ram;
+pub mod host;
+mod page_state;
 pub mod range_lock;
 
+pub use guest_ram::{GuestRam, GuestRamError, RegionInfo};
+pub use host::host_page_size;
+pub use page_state::PageState;
 pub use range_lock::{Access, LockMode, Pending, RangeGuard, RangeLock, RangeLockError};

@@ -145,16 +145,30 @@ fn reader_queues_behind_waiting_writer() {
     // though it overlaps only readers that hold the range.
     let lock = small(LockMode::Range);
     let r1 = lock.read(0..PAGE).unwrap();
-    thread::scope(|s| {
-        let writer = s.spawn(|| lock.write(0..PAGE).map(|g| g.blockers()));
-        // Wait until the writer is queued.
-        while lock.try_read(0..PAGE).unwrap().is_some() {
-            thread::yield_now();
-        }
-        assert!(lock.try_read(0..PAGE).unwrap().is_none());
-        drop(r1);
-        assert_eq!(writer.join().unwrap().unwrap(), 1);
-    });
+    let writer = lock.enqueue(0..PAGE, Access::Write).unwrap();
+    assert!(!writer.is_granted());
+    assert!(lock.try_read(0..PAGE).unwrap().is_none());
+    assert!(lock.try_read(PAGE..2 * PAGE).unwrap().is_some());
+    drop(r1);
+    assert!(writer.is_granted());
+    let w = writer.wait();
+    assert_eq!(w.blockers(), 1);
+    assert!(lock.try_read(0..1).unwrap().is_none());
+    drop(w);
+    assert!(lock.is_idle());
+}
+
+#[test]
+fn withdrawn_request_unblocks_later_ones() {
+    let lock = small(LockMode::Range);
+    let held = lock.write(0..PAGE).unwrap();
+    let queued = lock.enqueue(0..2 * PAGE, Access::Write).unwrap();
+    let behind = lock.enqueue(PAGE..2 * PAGE, Access::Read).unwrap();
+    assert!(!behind.is_granted(), "waits for the queued writer");
+    drop(queued);
+    assert!(behind.is_granted());
+    drop(behind.wait());
+    drop(held);
     assert!(lock.is_idle());
 }
 
@@ -163,25 +177,17 @@ fn disjoint_blockers_counted_only_in_global_mode() {
     for (mode, expect) in [(LockMode::Range, 0), (LockMode::Global, 1)] {
         let lock = small(mode);
         let a = lock.write(0..PAGE).unwrap();
-        thread::scope(|s| {
-            let other = s.spawn(|| {
-                let g = lock.write(0..PAGE / 2).unwrap();
-                let g2 = lock.try_write(10 * PAGE..11 * PAGE).unwrap();
-                (g.disjoint_blockers(), g2.is_some())
-            });
-            thread::sleep(Duration::from_millis(20));
-            drop(a);
-            let (disjoint, second) = other.join().unwrap();
-            assert_eq!(disjoint, 0, "{mode}: [0,2048) overlaps [0,4096)");
-            assert_eq!(second, expect == 0, "{mode}");
-        });
-        let b = lock.write(0..PAGE).unwrap();
-        thread::scope(|s| {
-            let other = s.spawn(|| lock.write(5 * PAGE..6 * PAGE).unwrap().disjoint_blockers());
-            thread::sleep(Duration::from_millis(20));
-            drop(b);
-            assert_eq!(other.join().unwrap(), expect, "{mode}");
-        });
+        let overlapping = lock.enqueue(0..PAGE / 2, Access::Write).unwrap();
+        drop(a);
+        let g = overlapping.wait();
+        assert_eq!((g.blockers(), g.disjoint_blockers()), (1, 0), "{mode}");
+        // A disjoint request waits only in global mode, and then says so.
+        let disjoint = lock.enqueue(5 * PAGE..6 * PAGE, Access::Write).unwrap();
+        assert_eq!(disjoint.is_granted(), expect == 0, "{mode}");
+        drop(g);
+        let g = disjoint.wait();
+        assert_eq!(g.disjoint_blockers(), expect, "{mode}");
+        drop(g);
         assert!(lock.is_idle());
     }
 }
