@@ -28,6 +28,10 @@ fn geometries() -> Vec<RangeLock> {
     ]
 }
 
+fn idx(v: u64) -> usize {
+    usize::try_from(v).unwrap()
+}
+
 fn overlaps(a: &Range<u64>, b: &Range<u64>) -> bool {
     a.start < b.end && b.start < a.end
 }
@@ -138,13 +142,13 @@ fn threads_never_hold_conflicting_ranges() {
                         }
                         let stamp = ((t as u64) << 32) | op as u64;
                         if access == Access::Write {
-                            for cell in &memory[range.start as usize..range.end as usize] {
+                            for cell in &memory[idx(range.start)..idx(range.end)] {
                                 cell.store(stamp, Ordering::Relaxed);
                             }
                         }
                         thread::yield_now();
                         if access == Access::Write {
-                            for cell in &memory[range.start as usize..range.end as usize] {
+                            for cell in &memory[idx(range.start)..idx(range.end)] {
                                 assert_eq!(cell.load(Ordering::Relaxed), stamp, "{mode}");
                             }
                         }
