@@ -29,5 +29,10 @@ mod tests {
         assert!(size.is_power_of_two());
         assert!(size >= 4096);
         assert_eq!(size, host_page_size());
+        // scripts/test.sh runs the ppc64le tests with 64 KiB pages and says so here, so
+        // that a setup that silently fell back to 4 KiB pages fails.
+        if let Ok(expect) = std::env::var("RANGEVM_EXPECT_PAGE_SIZE") {
+            assert_eq!(size.to_string(), expect);
+        }
     }
 }

@@ -66,8 +66,13 @@ impl Shared {
     }
 }
 
+/// Counts model executions, to check that loom really explored interleavings.
+static EXECUTIONS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
 fn run(mode: LockMode, requests: [(Range<u64>, Access); 3]) {
+    let before = EXECUTIONS.load(std::sync::atomic::Ordering::Relaxed);
     loom::model(move || {
+        EXECUTIONS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let shared = Shared::new(mode);
         let [a, b, c] = requests.clone();
         let s1 = shared.clone();
@@ -79,6 +84,9 @@ fn run(mode: LockMode, requests: [(Range<u64>, Access); 3]) {
         t2.join().unwrap();
         assert!(shared.lock.is_idle());
     });
+    let explored = EXECUTIONS.load(std::sync::atomic::Ordering::Relaxed) - before;
+    eprintln!("{mode}: {explored} interleavings explored");
+    assert!(explored > 10, "loom explored only {explored} interleavings");
 }
 
 #[test]
