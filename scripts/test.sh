@@ -5,8 +5,8 @@
 #                runner set in .cargo/config.toml, with QEMU_PAGESIZE=65536 so the tests see the
 #                64 KiB pages of a ppc64le host; the page-size test checks that they do)
 #   3. loom      RUSTFLAGS="--cfg loom" cargo test -p rangevm-memory --release --test loom_range_lock
-#                (exhaustive model checking of the range lock's small cases, no preemption bound;
-#                own target dir so the normal build cache stays)
+#                (model checking of the range lock's small cases, every interleaving with up to
+#                5 preemptions, ~15 s; own target dir so the normal build cache stays)
 # Installs missing prerequisites first (scripts/ensure-deps.sh). Every step runs even if an
 # earlier one failed; the exit status is non-zero if any failed. Ends with a summary line.
 set -euo pipefail
@@ -83,6 +83,7 @@ if [ -f "$ROOT/memory/tests/loom_range_lock.rs" ]; then
     run_step loom \
         env RUSTFLAGS="${RUSTFLAGS:+$RUSTFLAGS }--cfg loom" \
         CARGO_TARGET_DIR="$LOOM_TARGET_DIR" \
+        LOOM_MAX_PREEMPTIONS="${LOOM_MAX_PREEMPTIONS:-5}" \
         cargo test -p rangevm-memory --release --test loom_range_lock
 else
     # Not skipped silently: the loom model check is part of the suite.

@@ -17,11 +17,17 @@ use loom::sync::Arc;
 use loom::thread;
 use rangevm_memory::{Access, LockMode, RangeLock};
 
-/// Granule 16 bytes, 2 buckets: cells are 8 bytes, so a range of 32 bytes spans both
-/// buckets and one of 48 bytes is "wide".
-const CELL: u64 = 8;
-const CELLS: usize = 8;
+/// Granule 64 bytes, 4 buckets, cells of 16 bytes: a 16-byte-aligned range inside one
+/// granule can take the fast path (one CAS on the bucket word), a range over two
+/// granules takes two bucket lists, one over four or more granules is "wide", and an
+/// unaligned range goes through the list of its bucket.
+const CELL: u64 = 16;
+const CELLS: usize = 24;
 const WRITER: usize = 1000;
+
+fn idx(v: u64) -> usize {
+    usize::try_from(v).unwrap()
+}
 
 struct Shared {
     lock: RangeLock,
@@ -31,13 +37,13 @@ struct Shared {
 impl Shared {
     fn new(mode: LockMode) -> Arc<Self> {
         Arc::new(Shared {
-            lock: RangeLock::with_geometry(mode, 16, 2).unwrap(),
+            lock: RangeLock::with_geometry(mode, 64, 4).unwrap(),
             cells: (0..CELLS).map(|_| AtomicUsize::new(0)).collect(),
         })
     }
 
     fn cells(&self, range: &Range<u64>) -> std::ops::Range<usize> {
-        (range.start / CELL) as usize..range.end.div_ceil(CELL) as usize
+        idx(range.start / CELL)..idx(range.end.div_ceil(CELL))
     }
 
     fn occupy(&self, range: &Range<u64>, access: Access) {
@@ -94,9 +100,9 @@ fn two_bucket_writers_and_a_reader() {
     run(
         LockMode::Range,
         [
-            (8..40, Access::Write),
-            (24..32, Access::Write),
-            (0..16, Access::Read),
+            (48..96, Access::Write),
+            (80..96, Access::Write),
+            (0..32, Access::Read),
         ],
     );
 }
@@ -106,21 +112,34 @@ fn wide_writer_against_narrow_readers() {
     run(
         LockMode::Range,
         [
-            (0..64, Access::Write),
-            (8..16, Access::Read),
-            (32..48, Access::Read),
+            (0..320, Access::Write),
+            (16..32, Access::Read),
+            (128..192, Access::Read),
         ],
     );
 }
 
 #[test]
-fn overlapping_readers_and_writer_in_one_bucket() {
+fn fast_holders_and_list_entries_in_one_bucket() {
     run(
         LockMode::Range,
         [
-            (0..8, Access::Read),
-            (0..16, Access::Write),
-            (8..16, Access::Read),
+            (0..16, Access::Read),
+            (0..64, Access::Write),
+            (3..20, Access::Read),
+        ],
+    );
+}
+
+#[test]
+fn aliased_granules_share_a_bucket() {
+    // Granules 0 and 4 map to the same bucket: disjoint, but they meet in its word.
+    run(
+        LockMode::Range,
+        [
+            (0..64, Access::Write),
+            (256..272, Access::Write),
+            (16..48, Access::Write),
         ],
     );
 }
@@ -130,9 +149,9 @@ fn global_mode_disjoint_writers() {
     run(
         LockMode::Global,
         [
-            (0..8, Access::Write),
-            (32..40, Access::Write),
-            (16..24, Access::Read),
+            (0..16, Access::Write),
+            (128..144, Access::Write),
+            (64..80, Access::Read),
         ],
     );
 }
@@ -141,11 +160,11 @@ fn global_mode_disjoint_writers() {
 fn withdrawn_request_releases_those_queued_behind_it() {
     loom::model(|| {
         let shared = Shared::new(LockMode::Range);
-        let held = shared.lock.write(0..16).unwrap();
+        let held = shared.lock.write(0..64).unwrap();
         let s1 = shared.clone();
         // Queued behind `held`, then behind the withdrawn request as well.
-        let t1 = thread::spawn(move || s1.critical_section(8..40, Access::Write));
-        let withdrawn = shared.lock.enqueue(0..32, Access::Read).unwrap();
+        let t1 = thread::spawn(move || s1.critical_section(32..160, Access::Write));
+        let withdrawn = shared.lock.enqueue(0..128, Access::Read).unwrap();
         drop(held);
         drop(withdrawn);
         t1.join().unwrap();

@@ -1,15 +1,53 @@
-//! One bucket of the range lock: the requests (held or queued) whose ranges touch the
-//! granules that hash to this bucket, under the bucket's own small mutex.
+//! One bucket of the range lock.
 //!
-//! Entries are kept in two lists. `narrow` holds pieces clipped to one granule, sorted
-//! by `(start, seq)`, so an overlap query is a binary search plus a short scan of the
-//! window `[start - max_len, end)`. `wide` holds requests that cover every bucket
-//! (ranges of at least `buckets` granules, and every request in `LockMode::Global`);
-//! those are rare and are scanned in full.
+//! A bucket has two parts:
+//!
+//! - `fast`, one atomic word that can hold a single request on its own: the common
+//!   case of a page-aligned request within one granule when nothing else is in the
+//!   bucket. Taking it is one compare-and-swap from 0; giving it back is one
+//!   compare-and-swap back to 0, which fails only if somebody joined the bucket
+//!   meanwhile (they set the `SLOW` bit).
+//! - `state`, a small mutex over the other requests (held or queued) whose ranges touch
+//!   the bucket's granules. Entries are kept in two lists. `narrow` holds pieces
+//!   clipped to one granule, sorted by `(start, seq)`, so an overlap query is a binary
+//!   search plus a short scan of the window `[start - max_len, end)`. `wide` holds
+//!   requests that cover every bucket; those are rare and are scanned in full.
+//!
+//! Invariant: `state` is non-empty, or a thread holds its mutex and announced itself,
+//! only while `SLOW` is set; and the fast holder, if any, arrived before every entry of
+//! `state` (it could only get in while the bucket was empty). So the fast holder is the
+//! oldest request of its bucket, and every entry that conflicts with it counted it.
 
-use super::sync::{lock, Arc, Condvar, Mutex, MutexGuard, Ordering};
+use super::sync::{lock, Arc, AtomicU64, AtomicUsize, Condvar, Mutex, MutexGuard, Ordering};
 use super::Access;
-use crate::range_lock::sync::AtomicUsize;
+
+/// Set in `Bucket::fast` while the bucket's mutex-protected list is in use.
+pub(crate) const SLOW: u64 = 1 << 62;
+
+/// A request's range(s) as the conflict checks see them: `start..end` is what it locks
+/// in this bucket (the whole space in `LockMode::Global`), `req_*` what it asked for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Piece {
+    pub(crate) start: u64,
+    pub(crate) end: u64,
+    pub(crate) access: Access,
+    pub(crate) req_start: u64,
+    pub(crate) req_end: u64,
+}
+
+impl Piece {
+    fn overlaps(&self, other: &Piece) -> bool {
+        self.start < other.end && other.start < self.end
+    }
+
+    fn conflicts_with(&self, other: &Piece) -> bool {
+        (self.access == Access::Write || other.access == Access::Write) && self.overlaps(other)
+    }
+
+    fn requests_overlap(&self, other: &Piece) -> bool {
+        self.req_start < other.req_end && other.req_start < self.req_end
+    }
+}
 
 /// A request that had to wait: how many earlier conflicting entries it still waits for.
 #[derive(Debug)]
@@ -42,8 +80,23 @@ impl Waiter {
         self.pending.load(Ordering::Acquire) == 0
     }
 
-    /// Blocks until every earlier conflicting entry has been released.
+    /// Blocks until every earlier conflicting entry has been released. Spins, then
+    /// yields, then sleeps: most waits are a holder's short critical section, and a
+    /// sleep/wake round trip costs tens of microseconds.
     pub(crate) fn wait(&self) {
+        #[cfg(not(loom))]
+        for i in 0..SPIN_ROUNDS + YIELD_ROUNDS {
+            if self.is_granted() {
+                return;
+            }
+            if i < SPIN_ROUNDS {
+                for _ in 0..(1 << (i / 16).min(5)) {
+                    std::hint::spin_loop();
+                }
+            } else {
+                std::thread::yield_now();
+            }
+        }
         let mut granted = lock(&self.granted);
         while !*granted {
             granted = match self.cv.wait(granted) {
@@ -54,29 +107,19 @@ impl Waiter {
     }
 }
 
-/// A request's presence in one bucket.
+#[cfg(not(loom))]
+const SPIN_ROUNDS: u32 = 96;
+#[cfg(not(loom))]
+const YIELD_ROUNDS: u32 = 32;
+
+/// A request's presence in one bucket's list.
 #[derive(Debug)]
 pub(crate) struct Entry {
-    /// The part of the request's (effective) range this bucket is responsible for.
-    pub(crate) start: u64,
-    pub(crate) end: u64,
+    pub(crate) piece: Piece,
     /// Arrival order; unique within a bucket and increasing in arrival order.
     pub(crate) seq: u64,
-    pub(crate) access: Access,
-    /// The range the caller asked for (before `Global` widening), for accounting
-    /// waits between requests that did not really overlap.
-    pub(crate) req_start: u64,
-    pub(crate) req_end: u64,
     /// Set when the request had to wait at arrival.
     pub(crate) waiter: Option<Arc<Waiter>>,
-}
-
-impl Entry {
-    fn conflicts_with(&self, start: u64, end: u64, access: Access) -> bool {
-        (self.access == Access::Write || access == Access::Write)
-            && self.start < end
-            && start < self.end
-    }
 }
 
 /// What a new request found in one bucket.
@@ -111,12 +154,46 @@ pub(crate) struct BucketState {
 #[derive(Debug, Default)]
 #[repr(align(128))]
 pub(crate) struct Bucket {
+    pub(crate) fast: AtomicU64,
     state: Mutex<BucketState>,
 }
 
+/// The bucket's list, locked, with the fast holder seen when it was locked.
+#[derive(Debug)]
+pub(crate) struct Locked<'a> {
+    bucket: &'a Bucket,
+    pub(crate) state: MutexGuard<'a, BucketState>,
+    /// The fast word (without `SLOW`) when the list was locked: 0 if no fast holder.
+    pub(crate) fast: u64,
+}
+
 impl Bucket {
-    pub(crate) fn lock(&self) -> MutexGuard<'_, BucketState> {
-        lock(&self.state)
+    /// Locks the bucket's list and sets `SLOW`, so that no fast acquisition happens
+    /// until the list is empty again.
+    pub(crate) fn lock(&self) -> Locked<'_> {
+        let state = lock(&self.state);
+        let old = self.fast.fetch_or(SLOW, Ordering::AcqRel);
+        Locked {
+            bucket: self,
+            state,
+            fast: old & !SLOW,
+        }
+    }
+
+    /// Locks the list without announcing anything (for inspection only).
+    pub(crate) fn peek(&self) -> (MutexGuard<'_, BucketState>, u64) {
+        let state = lock(&self.state);
+        let fast = self.fast.load(Ordering::Acquire);
+        (state, fast)
+    }
+}
+
+impl Drop for Locked<'_> {
+    fn drop(&mut self) {
+        if self.state.len() == 0 {
+            // Nothing left in the list: fast acquisitions may resume.
+            self.bucket.fast.fetch_and(!SLOW, Ordering::AcqRel);
+        }
     }
 }
 
@@ -129,60 +206,62 @@ impl BucketState {
     /// Index of the first narrow entry that could overlap a range starting at `start`.
     fn window_start(&self, start: u64) -> usize {
         let lower = start.saturating_sub(self.max_len);
-        self.narrow.partition_point(|e| e.start < lower)
+        self.narrow.partition_point(|e| e.piece.start < lower)
     }
 
-    /// Calls `f` on every entry whose piece overlaps `[start, end)`.
-    fn for_each_overlapping(&self, start: u64, end: u64, wide: bool, mut f: impl FnMut(&Entry)) {
+    /// Calls `f` on every entry whose piece overlaps `p`.
+    fn for_each_overlapping(&self, p: &Piece, wide: bool, mut f: impl FnMut(&Entry)) {
         for e in &self.wide {
-            if e.start < end && start < e.end {
+            if e.piece.overlaps(p) {
                 f(e);
             }
         }
-        let first = if wide { 0 } else { self.window_start(start) };
+        let first = if wide { 0 } else { self.window_start(p.start) };
         for e in &self.narrow[first..] {
-            if e.start >= end {
+            if e.piece.start >= p.end {
                 break;
             }
-            if start < e.end {
+            if e.piece.overlaps(p) {
                 f(e);
             }
         }
     }
 
-    /// Counts the entries a new request `[start, end)` (its piece for this bucket)
-    /// would have to wait for. Every entry present arrived earlier, so FIFO order among
-    /// conflicting requests falls out of counting queued entries as well as held ones.
-    pub(crate) fn conflicts(
-        &self,
-        start: u64,
-        end: u64,
-        wide: bool,
-        access: Access,
-        req: (u64, u64),
-    ) -> Conflicts {
+    /// Counts the entries, and the fast holder `fast`, that a new request `p` (its piece
+    /// for this bucket) would have to wait for. Everything present arrived earlier, so
+    /// FIFO order among conflicting requests falls out of counting queued entries as
+    /// well as held ones.
+    pub(crate) fn conflicts(&self, p: &Piece, wide: bool, fast: Option<Piece>) -> Conflicts {
         let mut found = Conflicts::default();
-        self.for_each_overlapping(start, end, wide, |e| {
-            if e.conflicts_with(start, end, access) {
+        let mut count = |other: &Piece| {
+            if other.conflicts_with(p) {
                 found.blockers += 1;
-                if !(e.req_start < req.1 && req.0 < e.req_end) {
+                if !other.requests_overlap(p) {
                     found.disjoint += 1;
                 }
             }
-        });
+        };
+        if let Some(f) = fast {
+            count(&f);
+        }
+        self.for_each_overlapping(p, wide, |e| count(&e.piece));
         found
     }
 
-    /// Adds an entry. `entry.seq` must be at least `next_seq()`.
+    /// Adds an entry. `entry.seq` must be at least the `next_seq()` seen when the
+    /// request locked this bucket (a request whose granules alias to one bucket puts
+    /// several pieces with the same `seq` here; their starts differ).
     pub(crate) fn insert(&mut self, entry: Entry, wide: bool) {
-        debug_assert!(entry.seq >= self.next_seq);
-        self.next_seq = entry.seq + 1;
+        debug_assert!(entry.seq + 1 >= self.next_seq);
+        self.next_seq = self.next_seq.max(entry.seq + 1);
         if wide {
             self.wide.push(entry);
         } else {
-            self.max_len = self.max_len.max(entry.end - entry.start);
-            let key = (entry.start, entry.seq);
-            let at = self.narrow.partition_point(|e| (e.start, e.seq) < key);
+            self.max_len = self.max_len.max(entry.piece.end - entry.piece.start);
+            let key = (entry.piece.start, entry.seq);
+            let at = self
+                .narrow
+                .partition_point(|e| (e.piece.start, e.seq) < key);
             self.narrow.insert(at, entry);
         }
     }
@@ -198,14 +277,14 @@ impl BucketState {
         } else {
             match self
                 .narrow
-                .binary_search_by(|e| (e.start, e.seq).cmp(&(start, seq)))
+                .binary_search_by(|e| (e.piece.start, e.seq).cmp(&(start, seq)))
             {
                 Ok(i) => self.narrow.remove(i),
                 Err(_) => return false,
             }
         };
-        self.for_each_overlapping(removed.start, removed.end, wide, |e| {
-            if e.seq > removed.seq && e.conflicts_with(removed.start, removed.end, removed.access) {
+        self.for_each_overlapping(&removed.piece, wide, |e| {
+            if e.seq > removed.seq && e.piece.conflicts_with(&removed.piece) {
                 if let Some(waiter) = &e.waiter {
                     waiter.release_one();
                 }
@@ -217,7 +296,19 @@ impl BucketState {
         true
     }
 
-    /// Number of entries (held or queued) in this bucket.
+    /// The fast holder `fast` left: signals every entry that conflicts with it (all of
+    /// them arrived after it, so all of those counted it).
+    pub(crate) fn fast_released(&self, fast: &Piece) {
+        self.for_each_overlapping(fast, true, |e| {
+            if e.piece.conflicts_with(fast) {
+                if let Some(waiter) = &e.waiter {
+                    waiter.release_one();
+                }
+            }
+        });
+    }
+
+    /// Number of entries (held or queued) in this bucket's list.
     pub(crate) fn len(&self) -> usize {
         self.narrow.len() + self.wide.len()
     }

@@ -42,8 +42,8 @@ use std::fmt;
 use std::ops::Range;
 use std::str::FromStr;
 
-use bucket::{Bucket, BucketState, Conflicts, Entry, Waiter};
-use sync::{Arc, MutexGuard};
+use bucket::{Bucket, Conflicts, Entry, Locked, Piece, Waiter, SLOW};
+use sync::{Arc, Ordering};
 
 /// Errors of the range lock.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -248,7 +248,10 @@ impl RangeLock {
 
     /// True if no range is held or queued.
     pub fn is_idle(&self) -> bool {
-        self.buckets.iter().all(|b| b.lock().len() == 0)
+        self.buckets.iter().all(|b| {
+            let (state, fast) = b.peek();
+            state.len() == 0 && fast == 0
+        })
     }
 
     fn span(&self, start: u64, end: u64) -> Span {
@@ -264,47 +267,103 @@ impl RangeLock {
         }
     }
 
-    /// The piece of `[start, end)` that granule `g` holds.
-    fn piece(&self, g: u64, start: u64, end: u64) -> (u64, u64) {
+    /// The part of `[start, end)` that lies in granule `g`.
+    fn clip(&self, g: u64, start: u64, end: u64) -> (u64, u64) {
         let g_start = g << self.granule_shift;
         let g_end = g_start.saturating_add(1 << self.granule_shift);
         (start.max(g_start), end.min(g_end))
     }
 
-    /// Bucket index of granule `g`.
+    /// Bucket index of granule `g`. The high bits are folded in so that granules a
+    /// multiple of `buckets` apart (1 GiB strides with the default geometry) do not
+    /// all land in one bucket; within an aligned block of `buckets` granules the
+    /// mapping is a bijection, so a run of granules spreads over distinct buckets.
     fn bucket_of(&self, g: u64) -> usize {
-        // The mask is below `buckets.len()`, a usize.
-        usize::try_from(g & self.bucket_mask).unwrap_or(0)
+        let folded = g ^ (g >> self.bucket_mask.count_ones());
+        // Masked below `buckets.len()`, a usize.
+        usize::try_from(folded & self.bucket_mask).unwrap_or(0)
     }
 
-    /// Calls `f(bucket, piece_start, piece_end, wide)` for every bucket the effective
-    /// range `[start, end)` touches, in ascending bucket order.
-    fn for_each_piece(&self, start: u64, end: u64, mut f: impl FnMut(usize, u64, u64, bool)) {
-        match self.span(start, end) {
-            Span::All => {
-                for b in 0..self.buckets.len() {
-                    f(b, start, end, true);
-                }
-            }
-            Span::Run { first, count } => {
-                // Granules first..first+count map to consecutive buckets, possibly
-                // wrapping past the last one; visit the wrapped part first so bucket
-                // indices ascend.
-                let first_bucket = first & self.bucket_mask;
-                let wrapped = (first_bucket + count).saturating_sub(self.bucket_mask + 1);
-                let unwrapped = count - wrapped;
-                for i in 0..wrapped {
-                    let g = first + unwrapped + i;
-                    let (s, e) = self.piece(g, start, end);
-                    f(self.bucket_of(g), s, e, false);
-                }
-                for i in 0..unwrapped {
-                    let g = first + i;
-                    let (s, e) = self.piece(g, start, end);
-                    f(self.bucket_of(g), s, e, false);
-                }
-            }
+    /// The pieces of the effective range `[start, end)`: `(bucket, piece, wide)`.
+    fn pieces(&self, p: Piece) -> Vec<(usize, Piece, bool)> {
+        match self.span(p.start, p.end) {
+            Span::All => (0..self.buckets.len()).map(|b| (b, p, true)).collect(),
+            Span::Run { first, count } => (first..first + count)
+                .map(|g| {
+                    let (start, end) = self.clip(g, p.start, p.end);
+                    (self.bucket_of(g), Piece { start, end, ..p }, false)
+                })
+                .collect(),
         }
+    }
+
+    /// The fast word for a request, if it can take the fast path: the requested range
+    /// lies in one granule `g < 2^48` and starts and ends on a 1/32 granule boundary
+    /// (page-aligned requests always do). Returns the bucket and the word.
+    fn fast_word(&self, req_start: u64, req_end: u64, access: Access) -> Option<(usize, u64)> {
+        let shift = self.granule_shift;
+        let unit_shift = shift.checked_sub(FAST_UNITS_LOG2)?;
+        let g = req_start >> shift;
+        if (req_end - 1) >> shift != g || g >> FAST_GRANULE_BITS != 0 {
+            return None;
+        }
+        let unit_mask = (1u64 << unit_shift) - 1;
+        if req_start & unit_mask != 0 || req_end & unit_mask != 0 {
+            return None;
+        }
+        let base = g << shift;
+        let first_unit = (req_start - base) >> unit_shift;
+        let last_unit = ((req_end - base) >> unit_shift) - 1;
+        let bucket = if self.mode == LockMode::Global {
+            0
+        } else {
+            self.bucket_of(g)
+        };
+        let word = FAST_PRESENT
+            | if access == Access::Write {
+                FAST_WRITE
+            } else {
+                0
+            }
+            | if self.mode == LockMode::Global {
+                FAST_GLOBAL
+            } else {
+                0
+            }
+            | first_unit << FAST_FIRST_SHIFT
+            | last_unit << FAST_LAST_SHIFT
+            | g << FAST_GRANULE_SHIFT;
+        Some((bucket, word))
+    }
+
+    /// The request a fast word (without `SLOW`) stands for; `None` for 0.
+    fn decode_fast(&self, word: u64) -> Option<Piece> {
+        if word & FAST_PRESENT == 0 {
+            return None;
+        }
+        let unit_shift = self.granule_shift - FAST_UNITS_LOG2;
+        let unit_mask = (1 << FAST_UNITS_LOG2) - 1;
+        let g = (word >> FAST_GRANULE_SHIFT) & ((1 << FAST_GRANULE_BITS) - 1);
+        let base = g << self.granule_shift;
+        let req_start = base + (((word >> FAST_FIRST_SHIFT) & unit_mask) << unit_shift);
+        let req_end = base + ((((word >> FAST_LAST_SHIFT) & unit_mask) + 1) << unit_shift);
+        let (start, end) = if word & FAST_GLOBAL != 0 {
+            (0, u64::MAX)
+        } else {
+            (req_start, req_end)
+        };
+        let access = if word & FAST_WRITE != 0 {
+            Access::Write
+        } else {
+            Access::Read
+        };
+        Some(Piece {
+            start,
+            end,
+            access,
+            req_start,
+            req_end,
+        })
     }
 
     fn acquire(
@@ -326,84 +385,125 @@ impl RangeLock {
                 end: req_end,
             });
         }
+
+        // Fast path: an empty bucket takes the request in its word with one CAS.
+        if let Some((bucket, word)) = self.fast_word(req_start, req_end, access) {
+            let fast = &self.buckets[bucket].fast;
+            if fast
+                .compare_exchange(0, word, Ordering::Acquire, Ordering::Relaxed)
+                .is_ok()
+            {
+                let guard =
+                    RangeGuard::new(self, Holder::Fast { bucket, word }, Conflicts::default());
+                return Ok(Some(Pending {
+                    guard,
+                    waiter: None,
+                }));
+            }
+        }
+
         let (start, end) = match self.mode {
             LockMode::Range => (req_start, req_end),
             LockMode::Global => (0, u64::MAX),
         };
-        let req = (req_start, req_end);
-
-        // Fast path: one bucket, no allocation.
-        let single = match self.span(start, end) {
-            Span::Run { first, count: 1 } => {
-                Some((self.bucket_of(first), self.piece(first, start, end), false))
-            }
-            Span::All if self.buckets.len() == 1 => Some((0, (start, end), true)),
-            _ => None,
+        let request = Piece {
+            start,
+            end,
+            access,
+            req_start,
+            req_end,
         };
-        if let Some((bucket, (s, e), wide)) = single {
-            let mut state = self.buckets[bucket].lock();
-            let found = state.conflicts(s, e, wide, access, req);
-            if found.blockers > 0 && !block {
-                return Ok(None);
-            }
-            let waiter = (found.blockers > 0).then(|| Arc::new(Waiter::new(found.blockers)));
-            let seq = state.next_seq();
-            state.insert(
-                Entry {
-                    start: s,
-                    end: e,
-                    seq,
-                    access,
-                    req_start,
-                    req_end,
-                    waiter: waiter.clone(),
-                },
-                wide,
-            );
-            drop(state);
-            let guard = RangeGuard::new(self, start, end, access, seq, found);
-            return Ok(Some(Pending { guard, waiter }));
-        }
-
-        // General path: take every bucket's mutex in ascending order.
-        let mut held: Vec<(MutexGuard<'_, BucketState>, u64, u64, bool)> = Vec::new();
+        // Take every bucket's list in ascending bucket order (two-phase locking: the
+        // request enters all its buckets at one instant, so arrival order is the same
+        // in every bucket and waits cannot form a cycle).
+        let mut pieces = self.pieces(request);
+        pieces.sort_by_key(|&(b, _, _)| b);
+        let mut locked: Vec<(usize, Locked<'_>)> = Vec::with_capacity(pieces.len());
         let mut found = Conflicts::default();
         let mut seq = 0;
-        self.for_each_piece(start, end, |b, s, e, wide| {
-            let state = self.buckets[b].lock();
-            found += state.conflicts(s, e, wide, access, req);
-            seq = seq.max(state.next_seq());
-            held.push((state, s, e, wide));
-        });
+        for (b, piece, wide) in &pieces {
+            if locked.last().is_none_or(|(last, _)| last != b) {
+                let l = self.buckets[*b].lock();
+                seq = seq.max(l.state.next_seq());
+                locked.push((*b, l));
+            }
+            if let Some((_, l)) = locked.last() {
+                found += l.state.conflicts(piece, *wide, self.decode_fast(l.fast));
+            }
+        }
         if found.blockers > 0 && !block {
             return Ok(None);
         }
         let waiter = (found.blockers > 0).then(|| Arc::new(Waiter::new(found.blockers)));
-        for (state, s, e, wide) in held.iter_mut() {
-            state.insert(
+        let mut li = 0;
+        for (b, piece, wide) in pieces {
+            while locked[li].0 != b {
+                li += 1;
+            }
+            locked[li].1.state.insert(
                 Entry {
-                    start: *s,
-                    end: *e,
+                    piece,
                     seq,
-                    access,
-                    req_start,
-                    req_end,
                     waiter: waiter.clone(),
                 },
-                *wide,
+                wide,
             );
         }
-        drop(held);
-        let guard = RangeGuard::new(self, start, end, access, seq, found);
+        drop(locked);
+        let guard = RangeGuard::new(self, Holder::Listed { request, seq }, found);
         Ok(Some(Pending { guard, waiter }))
     }
 
-    fn release(&self, start: u64, end: u64, seq: u64) {
-        self.for_each_piece(start, end, |b, s, _e, wide| {
-            let removed = self.buckets[b].lock().remove(s, seq, wide);
-            debug_assert!(removed, "released range was not in bucket {b}");
-        });
+    fn release(&self, holder: &Holder) {
+        match *holder {
+            Holder::Fast { bucket, word } => {
+                let b = &self.buckets[bucket];
+                if b.fast
+                    .compare_exchange(word, 0, Ordering::Release, Ordering::Relaxed)
+                    .is_err()
+                {
+                    // Others joined the bucket (SLOW is set): leave under its mutex and
+                    // signal those that counted us.
+                    let l = b.lock();
+                    let old = b.fast.fetch_and(SLOW, Ordering::AcqRel);
+                    debug_assert_eq!(old & !SLOW, word, "fast word changed under its holder");
+                    if let Some(me) = self.decode_fast(word) {
+                        l.state.fast_released(&me);
+                    }
+                    drop(l);
+                }
+            }
+            Holder::Listed { request, seq } => {
+                for (b, piece, wide) in self.pieces(request) {
+                    let mut l = self.buckets[b].lock();
+                    let removed = l.state.remove(piece.start, seq, wide);
+                    debug_assert!(removed, "released range was not in bucket {b}");
+                }
+            }
+        }
     }
+}
+
+/// Fast word layout: bit 0 present, 1 write, 2 global (the request stands for the
+/// whole space), 3..8 first 1/32-granule unit, 8..13 last unit, 13..61 granule index,
+/// 62 `SLOW`.
+const FAST_PRESENT: u64 = 1 << 0;
+const FAST_WRITE: u64 = 1 << 1;
+const FAST_GLOBAL: u64 = 1 << 2;
+const FAST_UNITS_LOG2: u32 = 5;
+const FAST_FIRST_SHIFT: u32 = 3;
+const FAST_LAST_SHIFT: u32 = 8;
+const FAST_GRANULE_SHIFT: u32 = 13;
+const FAST_GRANULE_BITS: u32 = 48;
+const _: () = assert!(FAST_GRANULE_SHIFT + FAST_GRANULE_BITS <= SLOW.trailing_zeros());
+
+/// How a guard holds its range.
+#[derive(Debug, Clone, Copy)]
+enum Holder {
+    /// In a bucket's fast word.
+    Fast { bucket: usize, word: u64 },
+    /// As entries in the lists of the buckets of `request`.
+    Listed { request: Piece, seq: u64 },
 }
 
 /// A queued request; see [`RangeLock::enqueue`]. Dropping it withdraws the request.
@@ -433,40 +533,38 @@ impl<'a> Pending<'a> {
 #[must_use = "the range is released as soon as the guard is dropped"]
 pub struct RangeGuard<'a> {
     lock: &'a RangeLock,
-    start: u64,
-    end: u64,
-    access: Access,
-    seq: u64,
+    holder: Holder,
     found: Conflicts,
 }
 
 impl<'a> RangeGuard<'a> {
-    fn new(
-        lock: &'a RangeLock,
-        start: u64,
-        end: u64,
-        access: Access,
-        seq: u64,
-        found: Conflicts,
-    ) -> Self {
+    fn new(lock: &'a RangeLock, holder: Holder, found: Conflicts) -> Self {
         RangeGuard {
             lock,
-            start,
-            end,
-            access,
-            seq,
+            holder,
             found,
+        }
+    }
+
+    fn piece(&self) -> Piece {
+        match self.holder {
+            Holder::Fast { word, .. } => self
+                .lock
+                .decode_fast(word)
+                .unwrap_or_else(|| unreachable!("a fast holder's word has its present bit set")),
+            Holder::Listed { request, .. } => request,
         }
     }
 
     /// The locked range (the whole address space in `LockMode::Global`).
     pub fn range(&self) -> Range<u64> {
-        self.start..self.end
+        let p = self.piece();
+        p.start..p.end
     }
 
     /// Shared or exclusive.
     pub fn access(&self) -> Access {
-        self.access
+        self.piece().access
     }
 
     /// How many earlier conflicting requests this one waited for (0: uncontended).
@@ -483,16 +581,17 @@ impl<'a> RangeGuard<'a> {
 
 impl fmt::Debug for RangeGuard<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let p = self.piece();
         f.debug_struct("RangeGuard")
-            .field("range", &(self.start..self.end))
-            .field("access", &self.access)
+            .field("range", &(p.start..p.end))
+            .field("access", &p.access)
             .finish()
     }
 }
 
 impl Drop for RangeGuard<'_> {
     fn drop(&mut self) {
-        self.lock.release(self.start, self.end, self.seq);
+        self.lock.release(&self.holder);
     }
 }
 
