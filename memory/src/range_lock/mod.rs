@@ -194,55 +194,82 @@ impl RangeLock {
     }
 
     /// Blocks until `range` is held shared.
+    #[inline]
     pub fn read(&self, range: Range<u64>) -> Result<RangeGuard<'_>, RangeLockError> {
         self.lock(range, Access::Read)
     }
 
     /// Blocks until `range` is held exclusively.
+    #[inline]
     pub fn write(&self, range: Range<u64>) -> Result<RangeGuard<'_>, RangeLockError> {
         self.lock(range, Access::Write)
     }
 
     /// Blocks until `range` is held with `access`.
+    #[inline]
     pub fn lock(
         &self,
         range: Range<u64>,
         access: Access,
     ) -> Result<RangeGuard<'_>, RangeLockError> {
-        Ok(self.enqueue(range, access)?.wait())
+        match self.try_fast(range.start, range.end, access) {
+            Some(guard) => Ok(guard),
+            None => Ok(self.enqueue_listed(range, access)?.wait()),
+        }
     }
 
     /// Takes `range` shared if nothing conflicting is held or queued; `Ok(None)` if it
     /// would have to wait.
+    #[inline]
     pub fn try_read(&self, range: Range<u64>) -> Result<Option<RangeGuard<'_>>, RangeLockError> {
         self.try_lock(range, Access::Read)
     }
 
     /// Takes `range` exclusively if nothing overlapping is held or queued; `Ok(None)`
     /// if it would have to wait.
+    #[inline]
     pub fn try_write(&self, range: Range<u64>) -> Result<Option<RangeGuard<'_>>, RangeLockError> {
         self.try_lock(range, Access::Write)
     }
 
     /// Takes `range` with `access` if that needs no waiting; `Ok(None)` otherwise.
+    #[inline]
     pub fn try_lock(
         &self,
         range: Range<u64>,
         access: Access,
     ) -> Result<Option<RangeGuard<'_>>, RangeLockError> {
-        Ok(self.acquire(range, access, false)?.map(|p| p.guard))
+        match self.try_fast(range.start, range.end, access) {
+            Some(guard) => Ok(Some(guard)),
+            None => Ok(self.acquire_listed(range, access, false)?.map(|p| p.guard)),
+        }
     }
 
     /// Queues a request for `range` and returns at once. The request keeps its place
     /// (FIFO among overlapping requests) until [`Pending::wait`] turns it into a guard
     /// or the `Pending` is dropped, which withdraws it. A postcopy fetch can queue on
     /// a page, send its network request, and only then wait.
+    #[inline]
     pub fn enqueue(
         &self,
         range: Range<u64>,
         access: Access,
     ) -> Result<Pending<'_>, RangeLockError> {
-        self.acquire(range, access, true)
+        match self.try_fast(range.start, range.end, access) {
+            Some(guard) => Ok(Pending {
+                guard,
+                waiter: None,
+            }),
+            None => self.enqueue_listed(range, access),
+        }
+    }
+
+    fn enqueue_listed(
+        &self,
+        range: Range<u64>,
+        access: Access,
+    ) -> Result<Pending<'_>, RangeLockError> {
+        self.acquire_listed(range, access, true)
             .map(|p| p.unwrap_or_else(|| unreachable!("a blocking request is always queued")))
     }
 
@@ -278,6 +305,7 @@ impl RangeLock {
     /// multiple of `buckets` apart (1 GiB strides with the default geometry) do not
     /// all land in one bucket; within an aligned block of `buckets` granules the
     /// mapping is a bijection, so a run of granules spreads over distinct buckets.
+    #[inline]
     fn bucket_of(&self, g: u64) -> usize {
         let folded = g ^ (g >> self.bucket_mask.count_ones());
         // Masked below `buckets.len()`, a usize.
@@ -300,7 +328,11 @@ impl RangeLock {
     /// The fast word for a request, if it can take the fast path: the requested range
     /// lies in one granule `g < 2^48` and starts and ends on a 1/32 granule boundary
     /// (page-aligned requests always do). Returns the bucket and the word.
+    #[inline]
     fn fast_word(&self, req_start: u64, req_end: u64, access: Access) -> Option<(usize, u64)> {
+        if req_start >= req_end {
+            return None;
+        }
         let shift = self.granule_shift;
         let unit_shift = shift.checked_sub(FAST_UNITS_LOG2)?;
         let g = req_start >> shift;
@@ -366,7 +398,27 @@ impl RangeLock {
         })
     }
 
-    fn acquire(
+    /// The fast path: an empty bucket takes a page-aligned single-granule request in
+    /// its word with one CAS. `None` if the request does not qualify (including empty
+    /// and inverted ranges, which the general path reports) or the bucket is in use.
+    #[inline]
+    fn try_fast(&self, req_start: u64, req_end: u64, access: Access) -> Option<RangeGuard<'_>> {
+        let (bucket, word) = self.fast_word(req_start, req_end, access)?;
+        self.buckets[bucket]
+            .fast
+            .compare_exchange(0, word, Ordering::Acquire, Ordering::Relaxed)
+            .ok()?;
+        Some(RangeGuard {
+            lock: self,
+            bucket,
+            word,
+            listed: None,
+        })
+    }
+
+    /// The general path: the request goes into the lists of the buckets it touches.
+    #[inline(never)]
+    fn acquire_listed(
         &self,
         range: Range<u64>,
         access: Access,
@@ -385,23 +437,6 @@ impl RangeLock {
                 end: req_end,
             });
         }
-
-        // Fast path: an empty bucket takes the request in its word with one CAS.
-        if let Some((bucket, word)) = self.fast_word(req_start, req_end, access) {
-            let fast = &self.buckets[bucket].fast;
-            if fast
-                .compare_exchange(0, word, Ordering::Acquire, Ordering::Relaxed)
-                .is_ok()
-            {
-                let guard =
-                    RangeGuard::new(self, Holder::Fast { bucket, word }, Conflicts::default());
-                return Ok(Some(Pending {
-                    guard,
-                    waiter: None,
-                }));
-            }
-        }
-
         let (start, end) = match self.mode {
             LockMode::Range => (req_start, req_end),
             LockMode::Global => (0, u64::MAX),
@@ -450,33 +485,43 @@ impl RangeLock {
             );
         }
         drop(locked);
-        let guard = RangeGuard::new(self, Holder::Listed { request, seq }, found);
+        let guard = RangeGuard {
+            lock: self,
+            bucket: 0,
+            word: 0,
+            listed: Some(Box::new(Listed {
+                request,
+                seq,
+                found,
+            })),
+        };
         Ok(Some(Pending { guard, waiter }))
     }
 
-    fn release(&self, holder: &Holder) {
-        match *holder {
-            Holder::Fast { bucket, word } => {
-                let b = &self.buckets[bucket];
-                if b.fast
-                    .compare_exchange(word, 0, Ordering::Release, Ordering::Relaxed)
-                    .is_err()
-                {
-                    // Others joined the bucket (SLOW is set): leave under its mutex and
-                    // signal those that counted us.
-                    let l = b.lock();
-                    let old = b.fast.fetch_and(SLOW, Ordering::AcqRel);
-                    debug_assert_eq!(old & !SLOW, word, "fast word changed under its holder");
-                    if let Some(me) = self.decode_fast(word) {
-                        l.state.fast_released(&me);
-                    }
-                    drop(l);
+    /// Releases a guard that could not give its range back with one CAS.
+    #[inline(never)]
+    fn release_slow(&self, guard: &RangeGuard<'_>) {
+        match &guard.listed {
+            None => {
+                // Others joined the bucket (SLOW is set): leave under its mutex and
+                // signal those that counted us.
+                let b = &self.buckets[guard.bucket];
+                let l = b.lock();
+                let old = b.fast.fetch_and(SLOW, Ordering::AcqRel);
+                debug_assert_eq!(
+                    old & !SLOW,
+                    guard.word,
+                    "fast word changed under its holder"
+                );
+                if let Some(me) = self.decode_fast(guard.word) {
+                    l.state.fast_released(&me);
                 }
+                drop(l);
             }
-            Holder::Listed { request, seq } => {
-                for (b, piece, wide) in self.pieces(request) {
+            Some(listed) => {
+                for (b, piece, wide) in self.pieces(listed.request) {
                     let mut l = self.buckets[b].lock();
-                    let removed = l.state.remove(piece.start, seq, wide);
+                    let removed = l.state.remove(piece.start, listed.seq, wide);
                     debug_assert!(removed, "released range was not in bucket {b}");
                 }
             }
@@ -497,13 +542,12 @@ const FAST_GRANULE_SHIFT: u32 = 13;
 const FAST_GRANULE_BITS: u32 = 48;
 const _: () = assert!(FAST_GRANULE_SHIFT + FAST_GRANULE_BITS <= SLOW.trailing_zeros());
 
-/// How a guard holds its range.
-#[derive(Debug, Clone, Copy)]
-enum Holder {
-    /// In a bucket's fast word.
-    Fast { bucket: usize, word: u64 },
-    /// As entries in the lists of the buckets of `request`.
-    Listed { request: Piece, seq: u64 },
+/// A request that went through the buckets' lists.
+#[derive(Debug)]
+struct Listed {
+    request: Piece,
+    seq: u64,
+    found: Conflicts,
 }
 
 /// A queued request; see [`RangeLock::enqueue`]. Dropping it withdraws the request.
@@ -516,11 +560,13 @@ pub struct Pending<'a> {
 
 impl<'a> Pending<'a> {
     /// True once every earlier conflicting request has been released.
+    #[inline]
     pub fn is_granted(&self) -> bool {
         self.waiter.as_ref().is_none_or(|w| w.is_granted())
     }
 
     /// Blocks until the range is held.
+    #[inline]
     pub fn wait(self) -> RangeGuard<'a> {
         if let Some(w) = &self.waiter {
             w.wait();
@@ -530,30 +576,30 @@ impl<'a> Pending<'a> {
 }
 
 /// A held range; released on drop.
+///
+/// A fast holder (`listed` is `None`) is the request in `word` of bucket `bucket`;
+/// otherwise the request is in the lists of its buckets.
 #[must_use = "the range is released as soon as the guard is dropped"]
 pub struct RangeGuard<'a> {
     lock: &'a RangeLock,
-    holder: Holder,
-    found: Conflicts,
+    bucket: usize,
+    word: u64,
+    listed: Option<Box<Listed>>,
 }
 
 impl<'a> RangeGuard<'a> {
-    fn new(lock: &'a RangeLock, holder: Holder, found: Conflicts) -> Self {
-        RangeGuard {
-            lock,
-            holder,
-            found,
+    fn piece(&self) -> Piece {
+        match &self.listed {
+            None => self
+                .lock
+                .decode_fast(self.word)
+                .unwrap_or_else(|| unreachable!("a fast holder's word has its present bit set")),
+            Some(listed) => listed.request,
         }
     }
 
-    fn piece(&self) -> Piece {
-        match self.holder {
-            Holder::Fast { word, .. } => self
-                .lock
-                .decode_fast(word)
-                .unwrap_or_else(|| unreachable!("a fast holder's word has its present bit set")),
-            Holder::Listed { request, .. } => request,
-        }
+    fn found(&self) -> Conflicts {
+        self.listed.as_ref().map(|l| l.found).unwrap_or_default()
     }
 
     /// The locked range (the whole address space in `LockMode::Global`).
@@ -569,13 +615,13 @@ impl<'a> RangeGuard<'a> {
 
     /// How many earlier conflicting requests this one waited for (0: uncontended).
     pub fn blockers(&self) -> usize {
-        self.found.blockers
+        self.found().blockers
     }
 
     /// How many of those did not overlap the range asked for: always 0 in
     /// `LockMode::Range`, the cost of the one big lock in `LockMode::Global`.
     pub fn disjoint_blockers(&self) -> usize {
-        self.found.disjoint
+        self.found().disjoint
     }
 }
 
@@ -590,8 +636,17 @@ impl fmt::Debug for RangeGuard<'_> {
 }
 
 impl Drop for RangeGuard<'_> {
+    #[inline]
     fn drop(&mut self) {
-        self.lock.release(&self.holder);
+        if self.listed.is_none()
+            && self.lock.buckets[self.bucket]
+                .fast
+                .compare_exchange(self.word, 0, Ordering::Release, Ordering::Relaxed)
+                .is_ok()
+        {
+            return;
+        }
+        self.lock.release_slow(self);
     }
 }
 
