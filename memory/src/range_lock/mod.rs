@@ -128,6 +128,14 @@ pub const DEFAULT_BUCKETS: usize = 1024;
 pub struct RangeLock {
     mode: LockMode,
     granule_shift: u32,
+    /// Fast words count in units of 1/32 granule; requests not aligned to one take the
+    /// lists. With granules under 32 bytes the mask is all ones (no fast path).
+    fast_unit_shift: u32,
+    fast_unit_mask: u64,
+    /// `FAST_PRESENT`, plus `FAST_GLOBAL` in `LockMode::Global`.
+    fast_flags: u64,
+    /// Highest start a fast word can encode.
+    fast_max_start: u64,
     bucket_mask: u64,
     buckets: Box<[Bucket]>,
 }
@@ -160,9 +168,25 @@ impl RangeLock {
             return Err(RangeLockError::Geometry { granule, buckets });
         }
         let buckets = if mode == LockMode::Global { 1 } else { buckets };
+        let granule_shift = granule.trailing_zeros();
+        let (fast_unit_shift, fast_unit_mask) = match granule_shift.checked_sub(FAST_UNITS_LOG2) {
+            Some(shift) => (shift, (1 << shift) - 1),
+            None => (0, u64::MAX),
+        };
+        let fast_flags = match mode {
+            LockMode::Range => FAST_PRESENT,
+            LockMode::Global => FAST_PRESENT | FAST_GLOBAL,
+        };
+        let fast_max_start = 1u64
+            .checked_shl(fast_unit_shift + FAST_START_BITS)
+            .map_or(u64::MAX, |limit| limit - 1);
         Ok(RangeLock {
             mode,
-            granule_shift: granule.trailing_zeros(),
+            granule_shift,
+            fast_max_start,
+            fast_unit_shift,
+            fast_unit_mask,
+            fast_flags,
             bucket_mask: buckets as u64 - 1,
             buckets: (0..buckets).map(|_| Bucket::default()).collect(),
         })
@@ -194,19 +218,19 @@ impl RangeLock {
     }
 
     /// Blocks until `range` is held shared.
-    #[inline]
+    #[inline(always)]
     pub fn read(&self, range: Range<u64>) -> Result<RangeGuard<'_>, RangeLockError> {
         self.lock(range, Access::Read)
     }
 
     /// Blocks until `range` is held exclusively.
-    #[inline]
+    #[inline(always)]
     pub fn write(&self, range: Range<u64>) -> Result<RangeGuard<'_>, RangeLockError> {
         self.lock(range, Access::Write)
     }
 
     /// Blocks until `range` is held with `access`.
-    #[inline]
+    #[inline(always)]
     pub fn lock(
         &self,
         range: Range<u64>,
@@ -305,7 +329,7 @@ impl RangeLock {
     /// multiple of `buckets` apart (1 GiB strides with the default geometry) do not
     /// all land in one bucket; within an aligned block of `buckets` granules the
     /// mapping is a bijection, so a run of granules spreads over distinct buckets.
-    #[inline]
+    #[inline(always)]
     fn bucket_of(&self, g: u64) -> usize {
         let folded = g ^ (g >> self.bucket_mask.count_ones());
         // Masked below `buckets.len()`, a usize.
@@ -328,44 +352,27 @@ impl RangeLock {
     /// The fast word for a request, if it can take the fast path: the requested range
     /// lies in one granule `g < 2^48` and starts and ends on a 1/32 granule boundary
     /// (page-aligned requests always do). Returns the bucket and the word.
-    #[inline]
+    #[inline(always)]
     fn fast_word(&self, req_start: u64, req_end: u64, access: Access) -> Option<(usize, u64)> {
-        if req_start >= req_end {
+        let unit_mask = self.fast_unit_mask;
+        // Non-empty, in one granule, unit-aligned, and its start fits the word.
+        if req_start >= req_end
+            || (req_start ^ (req_end - 1)) >> self.granule_shift != 0
+            || (req_start | req_end) & unit_mask != 0
+            || req_start > self.fast_max_start
+        {
             return None;
         }
-        let shift = self.granule_shift;
-        let unit_shift = shift.checked_sub(FAST_UNITS_LOG2)?;
-        let g = req_start >> shift;
-        if (req_end - 1) >> shift != g || g >> FAST_GRANULE_BITS != 0 {
-            return None;
-        }
-        let unit_mask = (1u64 << unit_shift) - 1;
-        if req_start & unit_mask != 0 || req_end & unit_mask != 0 {
-            return None;
-        }
-        let base = g << shift;
-        let first_unit = (req_start - base) >> unit_shift;
-        let last_unit = ((req_end - base) >> unit_shift) - 1;
-        let bucket = if self.mode == LockMode::Global {
-            0
-        } else {
-            self.bucket_of(g)
-        };
-        let word = FAST_PRESENT
+        let units = (req_end - req_start) >> self.fast_unit_shift;
+        let word = self.fast_flags
             | if access == Access::Write {
                 FAST_WRITE
             } else {
                 0
             }
-            | if self.mode == LockMode::Global {
-                FAST_GLOBAL
-            } else {
-                0
-            }
-            | first_unit << FAST_FIRST_SHIFT
-            | last_unit << FAST_LAST_SHIFT
-            | g << FAST_GRANULE_SHIFT;
-        Some((bucket, word))
+            | (units - 1) << FAST_LEN_SHIFT
+            | (req_start >> self.fast_unit_shift) << FAST_START_SHIFT;
+        Some((self.bucket_of(req_start >> self.granule_shift), word))
     }
 
     /// The request a fast word (without `SLOW`) stands for; `None` for 0.
@@ -373,12 +380,10 @@ impl RangeLock {
         if word & FAST_PRESENT == 0 {
             return None;
         }
-        let unit_shift = self.granule_shift - FAST_UNITS_LOG2;
-        let unit_mask = (1 << FAST_UNITS_LOG2) - 1;
-        let g = (word >> FAST_GRANULE_SHIFT) & ((1 << FAST_GRANULE_BITS) - 1);
-        let base = g << self.granule_shift;
-        let req_start = base + (((word >> FAST_FIRST_SHIFT) & unit_mask) << unit_shift);
-        let req_end = base + ((((word >> FAST_LAST_SHIFT) & unit_mask) + 1) << unit_shift);
+        let start_units = (word >> FAST_START_SHIFT) & ((1 << FAST_START_BITS) - 1);
+        let len_units = ((word >> FAST_LEN_SHIFT) & ((1 << FAST_UNITS_LOG2) - 1)) + 1;
+        let req_start = start_units << self.fast_unit_shift;
+        let req_end = req_start + (len_units << self.fast_unit_shift);
         let (start, end) = if word & FAST_GLOBAL != 0 {
             (0, u64::MAX)
         } else {
@@ -401,7 +406,7 @@ impl RangeLock {
     /// The fast path: an empty bucket takes a page-aligned single-granule request in
     /// its word with one CAS. `None` if the request does not qualify (including empty
     /// and inverted ranges, which the general path reports) or the bucket is in use.
-    #[inline]
+    #[inline(always)]
     fn try_fast(&self, req_start: u64, req_end: u64, access: Access) -> Option<RangeGuard<'_>> {
         let (bucket, word) = self.fast_word(req_start, req_end, access)?;
         self.buckets[bucket]
@@ -530,17 +535,16 @@ impl RangeLock {
 }
 
 /// Fast word layout: bit 0 present, 1 write, 2 global (the request stands for the
-/// whole space), 3..8 first 1/32-granule unit, 8..13 last unit, 13..61 granule index,
+/// whole space), 3..8 length in units of 1/32 granule, minus one, 8..61 start in units,
 /// 62 `SLOW`.
 const FAST_PRESENT: u64 = 1 << 0;
 const FAST_WRITE: u64 = 1 << 1;
 const FAST_GLOBAL: u64 = 1 << 2;
 const FAST_UNITS_LOG2: u32 = 5;
-const FAST_FIRST_SHIFT: u32 = 3;
-const FAST_LAST_SHIFT: u32 = 8;
-const FAST_GRANULE_SHIFT: u32 = 13;
-const FAST_GRANULE_BITS: u32 = 48;
-const _: () = assert!(FAST_GRANULE_SHIFT + FAST_GRANULE_BITS <= SLOW.trailing_zeros());
+const FAST_LEN_SHIFT: u32 = 3;
+const FAST_START_SHIFT: u32 = 8;
+const FAST_START_BITS: u32 = 54;
+const _: () = assert!(FAST_START_SHIFT + FAST_START_BITS <= SLOW.trailing_zeros());
 
 /// A request that went through the buckets' lists.
 #[derive(Debug)]
@@ -636,7 +640,7 @@ impl fmt::Debug for RangeGuard<'_> {
 }
 
 impl Drop for RangeGuard<'_> {
-    #[inline]
+    #[inline(always)]
     fn drop(&mut self) {
         if self.listed.is_none()
             && self.lock.buckets[self.bucket]

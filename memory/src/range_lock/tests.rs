@@ -207,3 +207,63 @@ fn footprint_is_reported() {
     assert!(lock.footprint() >= DEFAULT_BUCKETS * 64);
     assert!(RangeLock::entry_size() <= 72);
 }
+
+#[test]
+fn fast_words_round_trip() {
+    for (granule, buckets) in [(PAGE, 4), (DEFAULT_GRANULE, DEFAULT_BUCKETS), (64, 2)] {
+        for mode in [LockMode::Range, LockMode::Global] {
+            let lock = RangeLock::with_geometry(mode, granule, buckets).unwrap();
+            let unit = granule / 32;
+            for (start, end) in [
+                (0, unit),
+                (0, granule),
+                (granule * 7 + unit * 3, granule * 8),
+                ((1 << 50) + unit, (1 << 50) + 2 * unit),
+            ] {
+                for access in [Access::Read, Access::Write] {
+                    let (_, word) = lock.fast_word(start, end, access).unwrap();
+                    let p = lock.decode_fast(word).unwrap();
+                    assert_eq!((p.req_start, p.req_end, p.access), (start, end, access));
+                    let effective = match mode {
+                        LockMode::Range => (start, end),
+                        LockMode::Global => (0, u64::MAX),
+                    };
+                    assert_eq!((p.start, p.end), effective);
+                }
+            }
+            // Not eligible: across granules, unaligned, empty, at the very top.
+            assert!(lock
+                .fast_word(granule - unit, granule + unit, Access::Read)
+                .is_none());
+            assert!(lock.fast_word(1, unit, Access::Read).is_none());
+            assert!(lock.fast_word(unit, unit, Access::Read).is_none());
+            assert!(lock
+                .fast_word(u64::MAX - unit, u64::MAX, Access::Read)
+                .is_none());
+        }
+    }
+}
+
+#[test]
+fn fast_holder_and_listed_requests_meet_in_a_bucket() {
+    let lock = small(LockMode::Range);
+    // Page 0 is taken through the bucket word.
+    let fast = lock.write(0..PAGE).unwrap();
+    // An unaligned request in the same granule goes to the list and must see it.
+    assert!(lock.try_read(10..20).unwrap().is_none());
+    // Granule 4 aliases bucket 0 (4 buckets) but does not overlap: listed, granted.
+    let aliased = lock.try_write(4 * PAGE + 1..4 * PAGE + 2).unwrap().unwrap();
+    let queued = lock.enqueue(100..200, Access::Read).unwrap();
+    assert!(!queued.is_granted());
+    // The fast holder leaves through the list and wakes the queued reader.
+    drop(fast);
+    assert!(queued.is_granted());
+    drop(queued.wait());
+    drop(aliased);
+    assert!(lock.is_idle());
+    // Once the bucket is empty the fast path is available again.
+    let again = lock.write(0..PAGE).unwrap();
+    assert_eq!(again.blockers(), 0);
+    drop(again);
+    assert!(lock.is_idle());
+}
