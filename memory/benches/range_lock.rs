@@ -7,8 +7,9 @@
 //!   lock (`Range` and `Global` mode), `std::sync::RwLock<()>`, `parking_lot::RwLock<()>`
 //!   and a naive range lock (one mutex over a `BTreeMap`, defined below).
 //! - `held`: acquire + release of one 4 KiB write range while 0..4096 disjoint 4 KiB
-//!   ranges are held, laid out adjacently from 0, at random pages of the first GiB, and
-//!   (range lock only, a worst case) all in granules that alias to one bucket.
+//!   ranges are held, laid out adjacently from 0, at random pages of the first GiB (with
+//!   the default 1024 buckets, and with the lock sized for 1 GiB as `GuestRam` sizes
+//!   it), and (range lock only, a worst case) all in granules that alias to one bucket.
 //! - `two_threads`: throughput of two threads taking write ranges, on disjoint pages
 //!   and on one shared page, in `Range` and `Global` mode, against one thread doing the
 //!   same per-thread work. Elements are acquire/release pairs, summed over threads.
@@ -369,6 +370,13 @@ fn held(c: &mut Criterion) {
         let l = random_layout(n);
         bench_held_range(&mut g, &format!("random/range/{n}"), &lock, &l);
         bench_held_naive(&mut g, &format!("random/naive_btree/{n}"), &naive, &l);
+    }
+    // The same random layout with the lock sized as `GuestRam` sizes it for a 1 GiB
+    // guest (one bucket per 64 KiB granule): the geometry rangevm actually runs with.
+    let sized = RangeLock::for_memory(LockMode::Range, GIB, PAGE);
+    for n in HELD_COUNTS {
+        let l = random_layout(n);
+        bench_held_range(&mut g, &format!("random_sized_1g/range/{n}"), &sized, &l);
     }
     for n in HELD_COUNTS {
         let l = aliased_layout(n, &lock);

@@ -24,7 +24,7 @@ use vm_memory::{
 
 use crate::host::host_page_size;
 use crate::page_state::{PageState, PageStates};
-use crate::range_lock::{LockMode, RangeLock, RangeLockError, DEFAULT_GRANULE};
+use crate::range_lock::{LockMode, RangeLock, RangeLockError};
 
 /// Errors of guest RAM operations.
 #[derive(Debug, thiserror::Error)]
@@ -182,21 +182,13 @@ pub struct GuestRam {
     map: ArcSwap<MemoryMap>,
 }
 
-/// Number of range-lock buckets for `bytes` of RAM in `granule`s: enough that the RAM
-/// does not alias (one granule per bucket), within [64, 16384].
-fn buckets_for(bytes: u64, granule: u64) -> usize {
-    let want = (bytes / granule).clamp(64, 16384);
-    usize::try_from(want.next_power_of_two()).unwrap_or(16384)
-}
-
 impl GuestRam {
     /// Guest RAM made of anonymous regions `(start, size)`, every page present.
     /// Starts and sizes must be multiples of the host page size.
     pub fn new(mode: LockMode, regions: &[(u64, u64)]) -> Result<Self> {
         let page_size = host_page_size();
         let total: u64 = regions.iter().map(|r| r.1).sum();
-        let granule = DEFAULT_GRANULE.max(page_size);
-        let lock = RangeLock::with_geometry(mode, granule, buckets_for(total, granule))?;
+        let lock = RangeLock::for_memory(mode, total, page_size);
         let ram = GuestRam {
             lock,
             page_size,

@@ -53,25 +53,36 @@ impl Piece {
 #[derive(Debug)]
 pub(crate) struct Waiter {
     pending: AtomicUsize,
-    granted: Mutex<bool>,
+    state: Mutex<WaitState>,
     cv: Condvar,
+}
+
+#[derive(Debug, Default)]
+struct WaitState {
+    granted: bool,
+    /// The owner sleeps (or is about to) on `cv`: only then is a wake-up, a futex
+    /// system call, needed.
+    parked: bool,
 }
 
 impl Waiter {
     pub(crate) fn new(pending: usize) -> Self {
         Waiter {
             pending: AtomicUsize::new(pending),
-            granted: Mutex::new(false),
+            state: Mutex::new(WaitState::default()),
             cv: Condvar::new(),
         }
     }
 
-    /// One earlier conflicting entry went away; wakes the owner on the last one.
+    /// One earlier conflicting entry went away; on the last one, wakes the owner if it
+    /// went to sleep.
     fn release_one(&self) {
         if self.pending.fetch_sub(1, Ordering::AcqRel) == 1 {
-            let mut granted = lock(&self.granted);
-            *granted = true;
-            self.cv.notify_one();
+            let mut state = lock(&self.state);
+            state.granted = true;
+            if state.parked {
+                self.cv.notify_one();
+            }
         }
     }
 
@@ -97,9 +108,12 @@ impl Waiter {
                 std::thread::yield_now();
             }
         }
-        let mut granted = lock(&self.granted);
-        while !*granted {
-            granted = match self.cv.wait(granted) {
+        let mut state = lock(&self.state);
+        // Announced under the mutex: a release that comes after this sees it and
+        // notifies; one that came before set `granted`, checked below.
+        state.parked = true;
+        while !state.granted {
+            state = match self.cv.wait(state) {
                 Ok(guard) => guard,
                 Err(poisoned) => poisoned.into_inner(),
             };

@@ -157,6 +157,16 @@ impl RangeLock {
             .unwrap_or_else(|_| unreachable!("default geometry is valid"))
     }
 
+    /// A lock sized for `bytes` of guest memory on a host with `page_size`-byte pages:
+    /// granules of 64 KiB (or one host page, if larger) and enough buckets that the
+    /// memory's granules do not alias (one granule per bucket), within [64, 16384].
+    pub fn for_memory(mode: LockMode, bytes: u64, page_size: u64) -> Self {
+        let granule = DEFAULT_GRANULE.max(page_size.next_power_of_two());
+        let buckets = (bytes / granule).clamp(64, 16384).next_power_of_two();
+        Self::with_geometry(mode, granule, usize::try_from(buckets).unwrap_or(16384))
+            .unwrap_or_else(|_| Self::new(mode))
+    }
+
     /// A lock with `buckets` buckets of `granule`-byte granules (both powers of two).
     /// `LockMode::Global` always uses one bucket.
     pub fn with_geometry(
@@ -336,16 +346,16 @@ impl RangeLock {
         usize::try_from(folded & self.bucket_mask).unwrap_or(0)
     }
 
-    /// The pieces of the effective range `[start, end)`: `(bucket, piece, wide)`.
-    fn pieces(&self, p: Piece) -> Vec<(usize, Piece, bool)> {
+    /// Calls `f(bucket, piece, wide)` for each piece of the effective range of `p`.
+    fn for_each_piece(&self, p: Piece, mut f: impl FnMut(usize, Piece, bool)) {
         match self.span(p.start, p.end) {
-            Span::All => (0..self.buckets.len()).map(|b| (b, p, true)).collect(),
-            Span::Run { first, count } => (first..first + count)
-                .map(|g| {
+            Span::All => (0..self.buckets.len()).for_each(|b| f(b, p, true)),
+            Span::Run { first, count } => {
+                for g in first..first + count {
                     let (start, end) = self.clip(g, p.start, p.end);
-                    (self.bucket_of(g), Piece { start, end, ..p }, false)
-                })
-                .collect(),
+                    f(self.bucket_of(g), Piece { start, end, ..p }, false);
+                }
+            }
         }
     }
 
@@ -453,10 +463,74 @@ impl RangeLock {
             req_start,
             req_end,
         };
-        // Take every bucket's list in ascending bucket order (two-phase locking: the
-        // request enters all its buckets at one instant, so arrival order is the same
-        // in every bucket and waits cannot form a cycle).
-        let mut pieces = self.pieces(request);
+        let (seq, found, waiter) = match self.single_piece(request) {
+            Some(piece) => match self.enter_one(piece, block) {
+                Some(entered) => entered,
+                None => return Ok(None),
+            },
+            None => match self.enter_many(request, block) {
+                Some(entered) => entered,
+                None => return Ok(None),
+            },
+        };
+        let guard = RangeGuard {
+            lock: self,
+            bucket: 0,
+            word: 0,
+            listed: Some(Box::new(Listed {
+                request,
+                seq,
+                found,
+            })),
+        };
+        Ok(Some(Pending { guard, waiter }))
+    }
+
+    /// The one `(bucket, piece, wide)` of a request that touches a single granule.
+    fn single_piece(&self, p: Piece) -> Option<(usize, Piece, bool)> {
+        match self.span(p.start, p.end) {
+            Span::Run { first, count: 1 } => Some((self.bucket_of(first), p, false)),
+            Span::All if self.buckets.len() == 1 => Some((0, p, true)),
+            _ => None,
+        }
+    }
+
+    /// Enters a single-bucket request in its bucket's list; `None` if `!block` and it
+    /// would have to wait. No allocation unless it has to wait.
+    fn enter_one(
+        &self,
+        (bucket, piece, wide): (usize, Piece, bool),
+        block: bool,
+    ) -> Option<(u64, Conflicts, Option<Arc<Waiter>>)> {
+        let mut l = self.buckets[bucket].lock();
+        let found = l.state.conflicts(&piece, wide, self.decode_fast(l.fast));
+        if found.blockers > 0 && !block {
+            return None;
+        }
+        let waiter = (found.blockers > 0).then(|| Arc::new(Waiter::new(found.blockers)));
+        let seq = l.state.next_seq();
+        l.state.insert(
+            Entry {
+                piece,
+                seq,
+                waiter: waiter.clone(),
+            },
+            wide,
+        );
+        Some((seq, found, waiter))
+    }
+
+    /// Enters a request in the lists of all its buckets. They are locked in ascending
+    /// bucket order and all held while it enters (two-phase locking), so the request
+    /// arrives at one instant in every bucket: arrival order is the same everywhere
+    /// and waits cannot form a cycle.
+    fn enter_many(
+        &self,
+        request: Piece,
+        block: bool,
+    ) -> Option<(u64, Conflicts, Option<Arc<Waiter>>)> {
+        let mut pieces = Vec::new();
+        self.for_each_piece(request, |b, piece, wide| pieces.push((b, piece, wide)));
         pieces.sort_by_key(|&(b, _, _)| b);
         let mut locked: Vec<(usize, Locked<'_>)> = Vec::with_capacity(pieces.len());
         let mut found = Conflicts::default();
@@ -472,7 +546,7 @@ impl RangeLock {
             }
         }
         if found.blockers > 0 && !block {
-            return Ok(None);
+            return None;
         }
         let waiter = (found.blockers > 0).then(|| Arc::new(Waiter::new(found.blockers)));
         let mut li = 0;
@@ -489,18 +563,7 @@ impl RangeLock {
                 wide,
             );
         }
-        drop(locked);
-        let guard = RangeGuard {
-            lock: self,
-            bucket: 0,
-            word: 0,
-            listed: Some(Box::new(Listed {
-                request,
-                seq,
-                found,
-            })),
-        };
-        Ok(Some(Pending { guard, waiter }))
+        Some((seq, found, waiter))
     }
 
     /// Releases a guard that could not give its range back with one CAS.
@@ -524,11 +587,11 @@ impl RangeLock {
                 drop(l);
             }
             Some(listed) => {
-                for (b, piece, wide) in self.pieces(listed.request) {
+                self.for_each_piece(listed.request, |b, piece, wide| {
                     let mut l = self.buckets[b].lock();
                     let removed = l.state.remove(piece.start, listed.seq, wide);
                     debug_assert!(removed, "released range was not in bucket {b}");
-                }
+                });
             }
         }
     }

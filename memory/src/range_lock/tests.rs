@@ -267,3 +267,19 @@ fn fast_holder_and_listed_requests_meet_in_a_bucket() {
     drop(again);
     assert!(lock.is_idle());
 }
+
+#[test]
+fn for_memory_sizes_buckets_to_the_memory() {
+    let lock = RangeLock::for_memory(LockMode::Range, 1 << 30, 4096);
+    assert_eq!(lock.granule(), DEFAULT_GRANULE);
+    assert_eq!(lock.buckets(), 16384);
+    let small = RangeLock::for_memory(LockMode::Range, 1 << 20, 65536);
+    assert_eq!(small.buckets(), 64);
+    let huge_pages = RangeLock::for_memory(LockMode::Range, 1 << 40, 1 << 21);
+    assert_eq!(huge_pages.granule(), 1 << 21);
+    assert_eq!(huge_pages.buckets(), 16384);
+    assert_eq!(
+        RangeLock::for_memory(LockMode::Global, 1 << 30, 4096).buckets(),
+        1
+    );
+}
