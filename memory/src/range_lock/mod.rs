@@ -10,19 +10,33 @@
 //! acquisition still touches the list head.
 //!
 //! Here the address space is cut into *granules* (64 KiB by default) and granule `g` is
-//! served by bucket `g mod buckets`. A bucket is a small mutex over the requests whose
-//! ranges touch its granules, kept sorted by start. A request takes the mutexes of the
-//! buckets it touches in ascending bucket order, counts the earlier conflicting entries
-//! (held *or queued*) and either enters as held (none) or queues with that count and
-//! sleeps until the releases of those entries bring it to zero. Hence:
+//! served by bucket `(g ^ g >> log2(buckets)) mod buckets`. A bucket is one cache line
+//! pair with two parts:
+//!
+//! - a *fast word*: a page-aligned request inside one granule that finds the bucket
+//!   empty stores itself (start, length, mode) in the word with one compare-and-swap,
+//!   and leaves with one more. This is the uncontended vCPU fault, DMA or harvest of one
+//!   page: two atomic operations on a line no other granule's requests touch.
+//! - a small mutex over a list of the other requests (held or queued) whose ranges
+//!   touch the bucket's granules, sorted by start. A request that does not fit the fast
+//!   word, or finds the bucket in use, takes the mutexes of the buckets it touches in
+//!   ascending bucket order, sets their `SLOW` bit (which closes the fast path until the
+//!   list is empty again), counts the earlier conflicting requests (the fast holder,
+//!   held entries *and queued ones*) and either enters as held (none) or queues with
+//!   that count and waits until the releases of those requests bring it to zero.
+//!   Waiters spin, then yield, then sleep; a release only makes a wake-up system call
+//!   for a waiter that really went to sleep.
+//!
+//! Hence:
 //!
 //! - Requests on different granules (the common case: vCPUs faulting on different
 //!   pages, a harvest of one chunk beside a balloon run elsewhere) touch different
 //!   buckets, i.e. different cache lines: they never meet on a shared mutex or counter.
-//! - The cost of an acquisition depends on how many entries share its *bucket*, not on
-//!   how many ranges the whole lock holds (sub-linear; see `benches/range_lock.rs`).
-//! - Fairness is FIFO among overlapping requests: a request waits only for entries that
-//!   arrived before it, so no reader or writer waits forever while others keep coming.
+//! - The cost of an acquisition depends on what shares its *bucket*, not on how many
+//!   ranges the whole lock holds (sub-linear; see `benches/range_lock.rs`).
+//! - Fairness is FIFO among overlapping requests: a request waits only for requests
+//!   that arrived before it, so no reader or writer waits forever while others keep
+//!   coming; the fast path cannot overtake a queue either, as it needs an empty bucket.
 //!   Because a request enters all its buckets while holding all their mutexes (two-phase
 //!   locking), arrival order is consistent across buckets and waits cannot form a cycle.
 //! - A request never waits for one whose range it does not overlap (in `Range` mode).
@@ -425,9 +439,9 @@ impl RangeLock {
             .ok()?;
         Some(RangeGuard {
             lock: self,
-            bucket,
             word,
-            listed: None,
+            bucket,
+            listed: Listed::default(),
         })
     }
 
@@ -475,13 +489,16 @@ impl RangeLock {
         };
         let guard = RangeGuard {
             lock: self,
-            bucket: 0,
             word: 0,
-            listed: Some(Box::new(Listed {
-                request,
+            bucket: 0,
+            listed: Listed {
+                start,
+                end,
                 seq,
-                found,
-            })),
+                blockers: u32::try_from(found.blockers).unwrap_or(u32::MAX),
+                disjoint: u32::try_from(found.disjoint).unwrap_or(u32::MAX),
+                access,
+            },
         };
         Ok(Some(Pending { guard, waiter }))
     }
@@ -569,8 +586,23 @@ impl RangeLock {
     /// Releases a guard that could not give its range back with one CAS.
     #[inline(never)]
     fn release_slow(&self, guard: &RangeGuard<'_>) {
-        match &guard.listed {
-            None => {
+        match guard.word {
+            0 => {
+                let listed = &guard.listed;
+                let request = Piece {
+                    start: listed.start,
+                    end: listed.end,
+                    access: listed.access,
+                    req_start: listed.start,
+                    req_end: listed.end,
+                };
+                self.for_each_piece(request, |b, piece, wide| {
+                    let mut l = self.buckets[b].lock();
+                    let removed = l.state.remove(piece.start, listed.seq, wide);
+                    debug_assert!(removed, "released range was not in bucket {b}");
+                });
+            }
+            _ => {
                 // Others joined the bucket (SLOW is set): leave under its mutex and
                 // signal those that counted us.
                 let b = &self.buckets[guard.bucket];
@@ -585,13 +617,6 @@ impl RangeLock {
                     l.state.fast_released(&me);
                 }
                 drop(l);
-            }
-            Some(listed) => {
-                self.for_each_piece(listed.request, |b, piece, wide| {
-                    let mut l = self.buckets[b].lock();
-                    let removed = l.state.remove(piece.start, listed.seq, wide);
-                    debug_assert!(removed, "released range was not in bucket {b}");
-                });
             }
         }
     }
@@ -609,12 +634,30 @@ const FAST_START_SHIFT: u32 = 8;
 const FAST_START_BITS: u32 = 54;
 const _: () = assert!(FAST_START_SHIFT + FAST_START_BITS <= SLOW.trailing_zeros());
 
-/// A request that went through the buckets' lists.
-#[derive(Debug)]
+/// What a guard of a request that went through the buckets' lists keeps (kept inline:
+/// the list path allocates nothing unless it has to wait).
+#[derive(Debug, Clone, Copy)]
 struct Listed {
-    request: Piece,
+    /// The effective range (the whole space in `LockMode::Global`).
+    start: u64,
+    end: u64,
     seq: u64,
-    found: Conflicts,
+    blockers: u32,
+    disjoint: u32,
+    access: Access,
+}
+
+impl Default for Listed {
+    fn default() -> Self {
+        Listed {
+            start: 0,
+            end: 0,
+            seq: 0,
+            blockers: 0,
+            disjoint: 0,
+            access: Access::Read,
+        }
+    }
 }
 
 /// A queued request; see [`RangeLock::enqueue`]. Dropping it withdraws the request.
@@ -644,29 +687,28 @@ impl<'a> Pending<'a> {
 
 /// A held range; released on drop.
 ///
-/// A fast holder (`listed` is `None`) is the request in `word` of bucket `bucket`;
-/// otherwise the request is in the lists of its buckets.
+/// A fast holder (`word` is not 0) is the request in `word` of bucket `bucket`;
+/// otherwise the request is in the lists of its buckets, as `listed` says.
 #[must_use = "the range is released as soon as the guard is dropped"]
 pub struct RangeGuard<'a> {
     lock: &'a RangeLock,
-    bucket: usize,
     word: u64,
-    listed: Option<Box<Listed>>,
+    bucket: usize,
+    listed: Listed,
 }
 
 impl<'a> RangeGuard<'a> {
     fn piece(&self) -> Piece {
-        match &self.listed {
-            None => self
-                .lock
-                .decode_fast(self.word)
-                .unwrap_or_else(|| unreachable!("a fast holder's word has its present bit set")),
-            Some(listed) => listed.request,
+        match self.lock.decode_fast(self.word) {
+            Some(p) => p,
+            None => Piece {
+                start: self.listed.start,
+                end: self.listed.end,
+                access: self.listed.access,
+                req_start: self.listed.start,
+                req_end: self.listed.end,
+            },
         }
-    }
-
-    fn found(&self) -> Conflicts {
-        self.listed.as_ref().map(|l| l.found).unwrap_or_default()
     }
 
     /// The locked range (the whole address space in `LockMode::Global`).
@@ -682,13 +724,13 @@ impl<'a> RangeGuard<'a> {
 
     /// How many earlier conflicting requests this one waited for (0: uncontended).
     pub fn blockers(&self) -> usize {
-        self.found().blockers
+        self.listed.blockers as usize
     }
 
     /// How many of those did not overlap the range asked for: always 0 in
     /// `LockMode::Range`, the cost of the one big lock in `LockMode::Global`.
     pub fn disjoint_blockers(&self) -> usize {
-        self.found().disjoint
+        self.listed.disjoint as usize
     }
 }
 
@@ -705,7 +747,7 @@ impl fmt::Debug for RangeGuard<'_> {
 impl Drop for RangeGuard<'_> {
     #[inline(always)]
     fn drop(&mut self) {
-        if self.listed.is_none()
+        if self.word != 0
             && self.lock.buckets[self.bucket]
                 .fast
                 .compare_exchange(self.word, 0, Ordering::Release, Ordering::Relaxed)
