@@ -655,6 +655,7 @@ struct FaultSim {
 impl FaultSim {
     fn new() -> Self {
         let pages = GUEST_SIZE / PAGE_USIZE;
+        assert!(pages.is_power_of_two());
         FaultSim {
             // Non-zero fill so every page is really allocated before measuring.
             guest: vec![0x5a; GUEST_SIZE],
@@ -671,7 +672,10 @@ impl FaultSim {
     #[inline]
     fn fault<G>(&mut self, copy: bool, lock: impl FnOnce(Range<u64>) -> G) {
         let page = self.next;
-        self.next = (page + 1) % self.state.len();
+        // The page count is a power of two: a mask, not a division, so that the next
+        // address is not behind a 40-cycle divide (a real fault path reads it from the
+        // userfaultfd message).
+        self.next = (page + 1) & (self.state.len() - 1);
         let st = self.state[page].load(Ordering::Acquire);
         let off = page * PAGE_USIZE;
         let guard = lock(off as u64..(off + PAGE_USIZE) as u64);
