@@ -134,7 +134,8 @@ pub enum Access {
 /// Default granule: 64 KiB, the largest host page we run on (ppc64le), so one host page
 /// fault always falls in one bucket.
 pub const DEFAULT_GRANULE: u64 = 64 << 10;
-/// Default bucket count: 1024 buckets of 64 KiB cover 64 GiB before two granules alias.
+/// Default bucket count: 1024 buckets of 64 KiB granules cover 64 MiB before two
+/// granules share a bucket. `RangeLock::for_memory` sizes the count to the guest.
 pub const DEFAULT_BUCKETS: usize = 1024;
 
 /// The range lock. See the module documentation.
@@ -157,7 +158,7 @@ pub struct RangeLock {
 /// The buckets a request touches.
 #[derive(Debug, Clone, Copy)]
 enum Span {
-    /// Granules `first .. first + count`, `count < buckets`: one piece per bucket.
+    /// Granules `first .. first + count`, `count < buckets`: one piece per granule.
     Run { first: u64, count: u64 },
     /// Every bucket, with the whole range as its piece.
     All,
