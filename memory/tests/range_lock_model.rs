@@ -41,7 +41,19 @@ fn conflicts(mode: LockMode, a: (&Range<u64>, Access), b: (&Range<u64>, Access))
     ranges_meet && (a.1 == Access::Write || b.1 == Access::Write)
 }
 
-fn random_range(rng: &mut SmallRng, space: u64) -> Range<u64> {
+/// A random range in `[0, space)`. Half of them are aligned to `unit` (1/32 granule)
+/// and stay inside one granule, so they take the lock's fast path (and, when blocked
+/// by a fast holder, its bounded spin) rather than the bucket lists.
+fn random_range(rng: &mut SmallRng, space: u64, lock: &RangeLock) -> Range<u64> {
+    let granule = lock.granule();
+    let unit = (granule / 32).max(1);
+    if granule <= space && rng.random_bool(0.5) {
+        let g = rng.random_range(0..space / granule);
+        let first = rng.random_range(0..32);
+        let units = rng.random_range(1..=32 - first);
+        let start = g * granule + first * unit;
+        return start..start + units * unit;
+    }
     let start = rng.random_range(0..space - 1);
     let len = match rng.random_range(0..10) {
         0 => rng.random_range(1..space),
@@ -65,7 +77,7 @@ fn try_locks_match_the_model() {
                 model.swap_remove(i);
                 continue;
             }
-            let range = random_range(&mut rng, 4096);
+            let range = random_range(&mut rng, 4096, &lock);
             let access = if rng.random_bool(0.5) {
                 Access::Read
             } else {
@@ -113,7 +125,7 @@ fn threads_never_hold_conflicting_ranges() {
                 s.spawn(move || {
                     let mut rng = SmallRng::seed_from_u64(t as u64 + 1);
                     for op in 0..OPS {
-                        let range = random_range(&mut rng, SPACE);
+                        let range = random_range(&mut rng, SPACE, lock);
                         let access = if rng.random_bool(0.4) {
                             Access::Write
                         } else {

@@ -40,7 +40,7 @@ impl Piece {
         self.start < other.end && other.start < self.end
     }
 
-    fn conflicts_with(&self, other: &Piece) -> bool {
+    pub(crate) fn conflicts_with(&self, other: &Piece) -> bool {
         (self.access == Access::Write || other.access == Access::Write) && self.overlaps(other)
     }
 

@@ -261,10 +261,57 @@ impl RangeLock {
         range: Range<u64>,
         access: Access,
     ) -> Result<RangeGuard<'_>, RangeLockError> {
-        match self.try_fast(range.start, range.end, access) {
-            Some(guard) => Ok(guard),
-            None => Ok(self.enqueue_listed(range, access)?.wait()),
+        if let Some(guard) = self.try_fast(range.start, range.end, access) {
+            return Ok(guard);
         }
+        if let Some(guard) = self.spin_fast(range.start, range.end, access) {
+            return Ok(guard);
+        }
+        Ok(self.enqueue_listed(range, access)?.wait())
+    }
+
+    /// When the bucket's only occupant is a conflicting fast holder, spins a little for
+    /// it to leave and takes the word then: a hand-over costs a cache-line transfer
+    /// instead of a trip through the list. Bounded, and never while anything is queued
+    /// in the bucket (`SLOW`), so it cannot overtake a queue; after the bound the caller
+    /// queues in FIFO order like everybody else.
+    #[cfg(not(loom))]
+    #[inline(never)]
+    fn spin_fast(&self, req_start: u64, req_end: u64, access: Access) -> Option<RangeGuard<'_>> {
+        let (bucket, word) = self.fast_word(req_start, req_end, access)?;
+        let me = self.decode_fast(word)?;
+        let fast = &self.buckets[bucket].fast;
+        for round in 0..FAST_SPIN_ROUNDS {
+            let current = fast.load(Ordering::Relaxed);
+            if current == 0 {
+                if fast
+                    .compare_exchange(0, word, Ordering::Acquire, Ordering::Relaxed)
+                    .is_ok()
+                {
+                    return Some(RangeGuard {
+                        lock: self,
+                        word,
+                        bucket,
+                        listed: Listed::default(),
+                    });
+                }
+                continue;
+            }
+            // Something is queued, or the holder does not conflict with us (the list
+            // grants at once): no point in spinning.
+            if current & SLOW != 0 || !self.decode_fast(current)?.conflicts_with(&me) {
+                return None;
+            }
+            for _ in 0..(1u32 << (round / 8).min(6)) {
+                std::hint::spin_loop();
+            }
+        }
+        None
+    }
+
+    #[cfg(loom)]
+    fn spin_fast(&self, _: u64, _: u64, _: Access) -> Option<RangeGuard<'_>> {
+        None
     }
 
     /// Takes `range` shared if nothing conflicting is held or queued; `Ok(None)` if it
@@ -626,6 +673,9 @@ impl RangeLock {
 /// Fast word layout: bit 0 present, 1 write, 2 global (the request stands for the
 /// whole space), 3..8 length in units of 1/32 granule, minus one, 8..61 start in units,
 /// 62 `SLOW`.
+/// Rounds `spin_fast` waits for a conflicting fast holder (a few microseconds at most).
+#[cfg(not(loom))]
+const FAST_SPIN_ROUNDS: u32 = 64;
 const FAST_PRESENT: u64 = 1 << 0;
 const FAST_WRITE: u64 = 1 << 1;
 const FAST_GLOBAL: u64 = 1 << 2;
