@@ -2,7 +2,7 @@
 # Installs what building and testing rangevm needs and is not already there, so that
 # scripts/test.sh and .ci/run work on a fresh Debian (bookworm) machine.
 #
-#   scripts/ensure-deps.sh          cross toolchain + QEMU (apt) and the ppc64le Rust target
+#   scripts/ensure-deps.sh          cross toolchain, qemu-user and qemu-system-x86 (apt), ppc64le Rust target
 #   scripts/ensure-deps.sh --lint   the same, plus the rustfmt and clippy components
 #
 # Idempotent: does nothing (and touches no network) when everything is present. apt runs
@@ -11,7 +11,7 @@
 set -euo pipefail
 
 CROSS_TARGET=powerpc64le-unknown-linux-gnu
-APT_PACKAGES=(gcc-powerpc64le-linux-gnu libc6-dev-ppc64el-cross qemu-user-static)
+APT_PACKAGES=(gcc-powerpc64le-linux-gnu libc6-dev-ppc64el-cross qemu-user-static qemu-system-x86)
 
 want_lint=0
 for arg in "$@"; do
@@ -83,6 +83,7 @@ fi
 
 command -v powerpc64le-linux-gnu-gcc >/dev/null 2>&1 || die "powerpc64le-linux-gnu-gcc not found after install"
 command -v qemu-ppc64le-static >/dev/null 2>&1 || die "qemu-ppc64le-static not found after install"
+command -v qemu-system-x86_64 >/dev/null 2>&1 || die "qemu-system-x86_64 not found after install (package qemu-system-x86)"
 [ -e /usr/powerpc64le-linux-gnu/lib64/ld64.so.2 ] || [ -e /usr/powerpc64le-linux-gnu/lib/ld64.so.2 ] ||
     die "ppc64le sysroot /usr/powerpc64le-linux-gnu has no ld64.so.2 (libc6-ppc64el-cross)"
 

@@ -1,0 +1,152 @@
+#!/usr/bin/env bash
+# Builds rangevm's default x86_64 guest from Debian packages into a cached folder:
+#
+#   $RANGEVM_CACHE/guest-x86_64/vmlinuz            the distribution kernel (bzImage)
+#   $RANGEVM_CACHE/guest-x86_64/initramfs.cpio.gz  busybox, the virtio modules, /init
+#   $RANGEVM_CACHE/guest-x86_64/cmdline            a kernel command line that fits it
+#
+# (RANGEVM_CACHE defaults to ~/.cache/rangevm.) The guest's /init mounts /proc, /sys and
+# /dev, prints the marker line "RANGEVM-GUEST-UP", loads the virtio modules, runs the test
+# command given on the kernel command line, prints "RANGEVM-CMD-EXIT=<status>", and
+# powers off. The command comes as
+#   rangevm.cmd64=<base64 of the command>   (any shell text), or
+#   rangevm.cmd=<word>                      (a single word, no spaces)
+# and rangevm.shell=1 starts a shell on the console instead of powering off.
+#
+# Usage: resources/build-guest.sh [--force] [--print-dir]
+#   --force      rebuild even if the cache is up to date
+#   --print-dir  print only the output folder (for scripts)
+# Needs: apt-get (Debian/Ubuntu), dpkg-deb, gzip. Downloads about 70 MB the first time.
+set -euo pipefail
+
+force=0
+print_dir=0
+for arg in "$@"; do
+    case "$arg" in
+        --force) force=1 ;;
+        --print-dir) print_dir=1 ;;
+        -h | --help)
+            sed -n '2,20p' "$0" | sed 's/^# \{0,1\}//'
+            exit 0
+            ;;
+        *)
+            echo "build-guest: unknown argument '$arg' (try --help)" >&2
+            exit 2
+            ;;
+    esac
+done
+
+log() { [ "$print_dir" -eq 1 ] || echo "build-guest: $*" >&2; }
+die() {
+    echo "build-guest: error: $*" >&2
+    exit 1
+}
+
+for tool in apt-get apt-cache dpkg-deb gzip; do
+    command -v "$tool" >/dev/null 2>&1 || die "'$tool' is needed (a Debian-based host)"
+done
+
+cache="${RANGEVM_CACHE:-$HOME/.cache/rangevm}"
+out="$cache/guest-x86_64"
+mkdir -p "$out"
+
+# The kernel package behind the linux-image-amd64 meta package, e.g. linux-image-6.1.0-56-amd64.
+kernel_pkg() {
+    apt-cache depends linux-image-amd64 2>/dev/null |
+        sed -n 's/^ *Depends: \(linux-image-[0-9].*-amd64\)$/\1/p' | head -n 1
+}
+pkg="$(kernel_pkg)"
+if [ -z "$pkg" ]; then
+    log "package lists have no linux-image-amd64; running apt-get update"
+    apt-get -q update >/dev/null 2>&1 || die "apt-get update failed (run it as root once)"
+    pkg="$(kernel_pkg)"
+fi
+[ -n "$pkg" ] || die "cannot find the kernel package behind linux-image-amd64"
+abi="${pkg#linux-image-}"
+
+stamp="$pkg $(sha256sum "$0" | cut -d' ' -f1)"
+if [ "$force" -eq 0 ] && [ -f "$out/stamp" ] && [ "$(cat "$out/stamp")" = "$stamp" ] &&
+    [ -s "$out/vmlinuz" ] && [ -s "$out/initramfs.cpio.gz" ]; then
+    log "up to date: $out ($pkg)"
+    [ "$print_dir" -eq 0 ] || echo "$out"
+    exit 0
+fi
+
+work="$(mktemp -d "${TMPDIR:-/tmp}/rangevm-guest.XXXXXX")"
+trap 'rm -rf "$work"' EXIT
+
+log "downloading $pkg and busybox-static"
+(cd "$work" && apt-get -q download "$pkg" busybox-static >"$work/download.log" 2>&1) || {
+    cat "$work/download.log" >&2
+    die "apt-get download failed"
+}
+for deb in "$work"/*.deb; do
+    dpkg-deb -x "$deb" "$work/pkg"
+done
+
+vmlinuz="$(find "$work/pkg/boot" -name "vmlinuz-$abi" | head -n 1)"
+[ -s "$vmlinuz" ] || die "no boot/vmlinuz-$abi in $pkg"
+busybox="$work/pkg/bin/busybox"
+[ -x "$busybox" ] || die "no bin/busybox in busybox-static"
+
+log "building the initramfs"
+root="$work/root"
+mkdir -p "$root"/{bin,sbin,dev,proc,sys,tmp,etc,lib/modules}
+cp "$busybox" "$root/bin/busybox"
+# One link per applet; the busybox binary is static and runs on this host to list them.
+for applet in $("$busybox" --list); do
+    [ "$applet" = busybox ] || ln -sf busybox "$root/bin/$applet"
+done
+
+# The virtio modules the balloon needs, in load order, uncompressed or not.
+moddir="$work/pkg/lib/modules/$abi/kernel/drivers/virtio"
+for m in virtio_ring virtio virtio_mmio virtio_balloon; do
+    found="$(find "$moddir" -name "$m.ko*" 2>/dev/null | head -n 1)"
+    if [ -n "$found" ]; then
+        cp "$found" "$root/lib/modules/"
+    else
+        log "note: $m is built in or missing in $pkg"
+    fi
+done
+
+cat >"$root/init" <<'INIT'
+#!/bin/sh
+# rangevm default guest. See resources/build-guest.sh.
+mount -t proc proc /proc
+mount -t sysfs sysfs /sys
+mount -t devtmpfs devtmpfs /dev 2>/dev/null
+echo "RANGEVM-GUEST-UP $(uname -r) cpus=$(grep -c ^processor /proc/cpuinfo) mem_kb=$(sed -n 's/^MemTotal: *\([0-9]*\).*/\1/p' /proc/meminfo)"
+for m in virtio_ring virtio virtio_mmio virtio_balloon; do
+    for f in /lib/modules/$m.ko*; do
+        [ -e "$f" ] && insmod "$f" 2>/dev/null
+    done
+done
+cmd=""
+shell=0
+for word in $(cat /proc/cmdline); do
+    case "$word" in
+        rangevm.cmd64=*) cmd="$(echo "${word#rangevm.cmd64=}" | base64 -d)" ;;
+        rangevm.cmd=*) cmd="${word#rangevm.cmd=}" ;;
+        rangevm.shell=1) shell=1 ;;
+    esac
+done
+if [ -n "$cmd" ]; then
+    sh -c "$cmd"
+    echo "RANGEVM-CMD-EXIT=$?"
+fi
+if [ "$shell" = 1 ]; then
+    exec setsid cttyhack sh
+fi
+sync
+poweroff -f
+INIT
+chmod 755 "$root/init"
+
+(cd "$root" && find . | "$busybox" cpio -o -H newc 2>/dev/null) | gzip -9 >"$work/initramfs.cpio.gz"
+
+cp "$vmlinuz" "$out/vmlinuz"
+cp "$work/initramfs.cpio.gz" "$out/initramfs.cpio.gz"
+echo "console=ttyS0 reboot=k panic=1 loglevel=4" >"$out/cmdline"
+echo "$stamp" >"$out/stamp"
+log "built $out: vmlinuz $(du -h "$out/vmlinuz" | cut -f1), initramfs $(du -h "$out/initramfs.cpio.gz" | cut -f1) ($pkg)"
+[ "$print_dir" -eq 0 ] || echo "$out"
