@@ -16,7 +16,8 @@
 # Usage: resources/build-guest.sh [--force] [--print-dir]
 #   --force      rebuild even if the cache is up to date
 #   --print-dir  print only the output folder (for scripts)
-# Needs: apt-get (Debian/Ubuntu), dpkg-deb, gzip. Downloads about 70 MB the first time.
+# Needs: apt-get (Debian/Ubuntu), dpkg-deb, gzip. Downloads about 70 MB the first time
+# (kept in $RANGEVM_CACHE/debs).
 set -euo pipefail
 
 force=0
@@ -50,21 +51,12 @@ cache="${RANGEVM_CACHE:-$HOME/.cache/rangevm}"
 out="$cache/guest-x86_64"
 mkdir -p "$out"
 
-# The kernel package behind the linux-image-amd64 meta package, e.g. linux-image-6.1.0-56-amd64.
-kernel_pkg() {
-    apt-cache depends linux-image-amd64 2>/dev/null |
-        sed -n 's/^ *Depends: \(linux-image-[0-9].*-amd64\)$/\1/p' | head -n 1
-}
-pkg="$(kernel_pkg)"
-if [ -z "$pkg" ]; then
-    log "package lists have no linux-image-amd64; running apt-get update"
-    apt-get -q update >/dev/null 2>&1 || die "apt-get update failed (run it as root once)"
-    pkg="$(kernel_pkg)"
-fi
-[ -n "$pkg" ] || die "cannot find the kernel package behind linux-image-amd64"
+# shellcheck source=resources/debian.sh
+. "$(dirname "${BASH_SOURCE[0]}")/debian.sh"
+pkg="$(debian_kernel_pkg)"
 abi="${pkg#linux-image-}"
 
-stamp="$pkg $(sha256sum "$0" | cut -d' ' -f1)"
+stamp="$pkg $(cat "$0" "$(dirname "$0")/debian.sh" | sha256sum | cut -d' ' -f1)"
 if [ "$force" -eq 0 ] && [ -f "$out/stamp" ] && [ "$(cat "$out/stamp")" = "$stamp" ] &&
     [ -s "$out/vmlinuz" ] && [ -s "$out/initramfs.cpio.gz" ]; then
     log "up to date: $out ($pkg)"
@@ -75,28 +67,15 @@ fi
 work="$(mktemp -d "${TMPDIR:-/tmp}/rangevm-guest.XXXXXX")"
 trap 'rm -rf "$work"' EXIT
 
-log "downloading $pkg and busybox-static"
-(cd "$work" && apt-get -q download "$pkg" busybox-static >"$work/download.log" 2>&1) || {
-    cat "$work/download.log" >&2
-    die "apt-get download failed"
-}
-for deb in "$work"/*.deb; do
-    dpkg-deb -x "$deb" "$work/pkg"
-done
-
-vmlinuz="$(find "$work/pkg/boot" -name "vmlinuz-$abi" | head -n 1)"
+debian_extract "$work/pkg" "$pkg" busybox-static
+vmlinuz="$work/pkg/boot/vmlinuz-$abi"
 [ -s "$vmlinuz" ] || die "no boot/vmlinuz-$abi in $pkg"
 busybox="$work/pkg/bin/busybox"
 [ -x "$busybox" ] || die "no bin/busybox in busybox-static"
 
 log "building the initramfs"
 root="$work/root"
-mkdir -p "$root"/{bin,sbin,dev,proc,sys,tmp,etc,lib/modules}
-cp "$busybox" "$root/bin/busybox"
-# One link per applet; the busybox binary is static and runs on this host to list them.
-for applet in $("$busybox" --list); do
-    [ "$applet" = busybox ] || ln -sf busybox "$root/bin/$applet"
-done
+busybox_root "$root" "$busybox"
 
 # The virtio modules the balloon needs, in load order, uncompressed or not.
 moddir="$work/pkg/lib/modules/$abi/kernel/drivers/virtio"
@@ -142,7 +121,7 @@ poweroff -f
 INIT
 chmod 755 "$root/init"
 
-(cd "$root" && find . | "$busybox" cpio -o -H newc 2>/dev/null) | gzip -9 >"$work/initramfs.cpio.gz"
+pack_cpio "$root" "$busybox" "$work/initramfs.cpio.gz"
 
 cp "$vmlinuz" "$out/vmlinuz"
 cp "$work/initramfs.cpio.gz" "$out/initramfs.cpio.gz"

@@ -1,13 +1,19 @@
 //! Integration-test harness for rangevm with real guests.
 //!
-//! [`DefaultGuest`] builds (or finds in the cache) the default x86_64 guest of
-//! `resources/build-guest.sh`: Debian's kernel and a busybox initramfs whose `/init`
-//! prints [`MARKER`], runs a command from the kernel command line, prints
-//! `RANGEVM-CMD-EXIT=<status>` and powers off. The boot issue adds running it under
-//! rangevm, directly and inside an emulated host.
+//! - [`DefaultGuest`] builds (or finds in the cache) the default x86_64 guest of
+//!   `resources/build-guest.sh`: Debian's kernel and a busybox initramfs whose `/init`
+//!   prints [`MARKER`], runs a command from the kernel command line, prints
+//!   `RANGEVM-CMD-EXIT=<status>` and powers off.
+//! - [`EmuHost`] runs a command inside an *emulated host* (`resources/build-emuhost.sh`):
+//!   Debian's kernel under QEMU software emulation with real nested KVM, for what this
+//!   machine's own KVM cannot run.
+//! - [`run_qemu`] boots a kernel under QEMU TCG and returns its serial console.
 
+use std::io::Read;
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
 
 /// The line prefix the default guest prints once `/init` runs.
 pub const MARKER: &str = "RANGEVM-GUEST-UP";
@@ -73,6 +79,164 @@ impl DefaultGuest {
             self.cmdline,
             base64(command.as_bytes())
         )
+    }
+}
+
+/// What a QEMU run printed on its serial console, and how long it took.
+#[derive(Debug, Clone)]
+pub struct Console {
+    /// Everything the guest printed.
+    pub output: String,
+    /// Wall time from QEMU's start to its exit.
+    pub elapsed: Duration,
+}
+
+impl Console {
+    /// The status `/init` printed for the command (`RANGEVM-CMD-EXIT=<status>`).
+    pub fn command_status(&self) -> Option<i32> {
+        self.output
+            .lines()
+            .find_map(|l| l.trim().strip_prefix("RANGEVM-CMD-EXIT="))
+            .and_then(|v| v.trim().parse().ok())
+    }
+}
+
+/// Boots `kernel` + `initrd` with `cmdline` under `qemu-system-x86_64 -accel tcg -cpu
+/// max` (SVM included, so KVM works inside) and waits for the guest to power off, at
+/// most `timeout`.
+pub fn run_qemu(
+    kernel: &Path,
+    initrd: &Path,
+    cmdline: &str,
+    memory_mib: u32,
+    timeout: Duration,
+) -> Result<Console, HarnessError> {
+    let start = Instant::now();
+    let mut child = Command::new("qemu-system-x86_64")
+        .args(["-accel", "tcg", "-cpu", "max", "-smp", "1"])
+        .args(["-m", &format!("{memory_mib}M")])
+        .args([
+            "-nographic",
+            "-no-reboot",
+            "-nodefaults",
+            "-serial",
+            "stdio",
+        ])
+        .arg("-kernel")
+        .arg(kernel)
+        .arg("-initrd")
+        .arg(initrd)
+        .args(["-append", cmdline])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| {
+            HarnessError::Tool(format!(
+                "cannot start qemu-system-x86_64 (scripts/ensure-deps.sh installs it): {e}"
+            ))
+        })?;
+    // Read the console on a thread so a chatty guest never blocks on a full pipe.
+    let mut stdout = child.stdout.take();
+    let reader = std::thread::spawn(move || {
+        let mut text = String::new();
+        if let Some(out) = stdout.as_mut() {
+            let _ = out.read_to_string(&mut text);
+        }
+        text
+    });
+    let status = loop {
+        match child.try_wait() {
+            Ok(Some(status)) => break status,
+            Ok(None) if start.elapsed() > timeout => {
+                let _ = child.kill();
+                let _ = child.wait();
+                let output = reader.join().unwrap_or_default();
+                return Err(HarnessError::Tool(format!(
+                    "the guest did not power off within {timeout:?}; console:\n{output}"
+                )));
+            }
+            Ok(None) => std::thread::sleep(Duration::from_millis(50)),
+            Err(e) => return Err(HarnessError::Tool(format!("waiting for qemu: {e}"))),
+        }
+    };
+    let output = reader.join().unwrap_or_default();
+    if !status.success() {
+        return Err(HarnessError::Tool(format!(
+            "qemu exited with {status}; console:\n{output}"
+        )));
+    }
+    Ok(Console {
+        output,
+        elapsed: start.elapsed(),
+    })
+}
+
+/// The emulated x86_64 host.
+#[derive(Debug, Default)]
+pub struct EmuHost {
+    payload: Vec<PathBuf>,
+}
+
+impl EmuHost {
+    /// An emulated host with nothing in `/payload` yet.
+    pub fn new() -> Self {
+        EmuHost::default()
+    }
+
+    /// Puts `file` into `/payload` (which is on `PATH` and the working directory of
+    /// the command); a dynamically linked program brings its shared libraries.
+    pub fn with_file(mut self, file: impl Into<PathBuf>) -> Self {
+        self.payload.push(file.into());
+        self
+    }
+
+    /// Boots the host and runs `command` (shell text) in it.
+    pub fn run(&self, command: &str, timeout: Duration) -> Result<Console, HarnessError> {
+        static RUNS: AtomicUsize = AtomicUsize::new(0);
+        let dir = std::env::temp_dir().join(format!(
+            "rangevm-emuhost-{}-{}",
+            std::process::id(),
+            RUNS.fetch_add(1, Ordering::Relaxed)
+        ));
+        let payload = dir.join("payload");
+        std::fs::create_dir_all(&payload)
+            .map_err(|e| HarnessError::Tool(format!("cannot create {}: {e}", payload.display())))?;
+        let result = (|| {
+            for file in &self.payload {
+                let name = file.file_name().ok_or_else(|| {
+                    HarnessError::Tool(format!("{} has no file name", file.display()))
+                })?;
+                std::fs::copy(file, payload.join(name)).map_err(|e| {
+                    HarnessError::Tool(format!("cannot copy {}: {e}", file.display()))
+                })?;
+            }
+            let initrd = dir.join("host.cpio.gz");
+            let script = repo_root().join("resources/build-emuhost.sh");
+            let out = Command::new("bash")
+                .arg(&script)
+                .arg("--payload")
+                .arg(&payload)
+                .arg("--out")
+                .arg(&initrd)
+                .output()
+                .map_err(|e| HarnessError::Tool(format!("cannot run {}: {e}", script.display())))?;
+            if !out.status.success() {
+                return Err(HarnessError::Tool(format!(
+                    "{} failed: {}",
+                    script.display(),
+                    String::from_utf8_lossy(&out.stderr)
+                )));
+            }
+            let kernel = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
+            let cmdline = format!(
+                "console=ttyS0 loglevel=4 reboot=k panic=1 rangevm.cmd64={}",
+                base64(command.as_bytes())
+            );
+            run_qemu(&kernel, &initrd, &cmdline, 1024, timeout)
+        })();
+        let _ = std::fs::remove_dir_all(&dir);
+        result
     }
 }
 
