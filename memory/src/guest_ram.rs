@@ -85,6 +85,21 @@ pub enum GuestRamError {
         #[source]
         source: vm_memory::GuestMemoryError,
     },
+    /// A page the access needs has not been received yet (postcopy).
+    #[error("Guest page {0:#x} is not present yet (postcopy)")]
+    NotPresent(u64),
+    /// userfaultfd failed.
+    #[error("userfaultfd operation failed")]
+    Uffd(#[from] crate::uffd::UffdError),
+    /// The page source failed.
+    #[error("Cannot read guest page {gpa:#x} from its source")]
+    Source {
+        /// The page.
+        gpa: u64,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
     /// madvise failed.
     #[error("Cannot release guest pages [{start:#x}, {end:#x}) to the host")]
     Discard {
@@ -186,6 +201,16 @@ impl GuestRam {
     /// Guest RAM made of anonymous regions `(start, size)`, every page present.
     /// Starts and sizes must be multiples of the host page size.
     pub fn new(mode: LockMode, regions: &[(u64, u64)]) -> Result<Self> {
+        Self::build(mode, regions, true)
+    }
+
+    /// Guest RAM whose pages are all missing (a postcopy destination): each is filled
+    /// on first touch by `resolve_fault` once registered with a userfaultfd.
+    pub fn new_missing(mode: LockMode, regions: &[(u64, u64)]) -> Result<Self> {
+        Self::build(mode, regions, false)
+    }
+
+    fn build(mode: LockMode, regions: &[(u64, u64)], present: bool) -> Result<Self> {
         let page_size = host_page_size();
         let total: u64 = regions.iter().map(|r| r.1).sum();
         let lock = RangeLock::for_memory(mode, total, page_size);
@@ -195,7 +220,7 @@ impl GuestRam {
             map: ArcSwap::from_pointee(MemoryMap::default()),
         };
         for &(start, size) in regions {
-            ram.add_region(start, size)?;
+            ram.insert_region(start, size, present)?;
         }
         Ok(ram)
     }
@@ -259,7 +284,7 @@ impl GuestRam {
         let range = Self::range_of(addr, buf.len())?;
         let _guard = self.lock.read(range.clone())?;
         let map = self.map.load();
-        map.for_each_piece(range.start, range.end, |_, _, _, _| Ok(()))?;
+        self.check_present(&map, &range)?;
         map.mem
             .read_slice(buf, GuestAddress(addr))
             .map_err(|source| GuestRamError::Access { addr, source })
@@ -275,6 +300,7 @@ impl GuestRam {
         let range = Self::range_of(addr, buf.len())?;
         let _guard = self.lock.read(range.clone())?;
         let map = self.map.load();
+        self.check_present(&map, &range)?;
         let page = self.page_size;
         map.for_each_piece(range.start, range.end, |_, r, s, e| {
             let first = usize_of((s - r.start) / page);
@@ -286,6 +312,22 @@ impl GuestRam {
         map.mem
             .write_slice(buf, GuestAddress(addr))
             .map_err(|source| GuestRamError::Access { addr, source })
+    }
+
+    /// Fails if `range` is not all guest RAM, or if a page of it is missing (postcopy,
+    /// not yet received): touching it here, under a read lock, would block this thread
+    /// in a userfaultfd fault that the resolver can only serve under the write lock of
+    /// the same page. The postcopy issue resolves such pages before the DMA locks.
+    fn check_present(&self, map: &MemoryMap, range: &Range<u64>) -> Result<()> {
+        let page = self.page_size;
+        map.for_each_piece(range.start, range.end, |_, r, s, e| {
+            let first = usize_of((s - r.start) / page);
+            let last = usize_of((e - 1 - r.start) / page);
+            match (first..=last).find(|&p| !r.states.is_present(p)) {
+                None => Ok(()),
+                Some(p) => Err(GuestRamError::NotPresent(r.start + p as u64 * page)),
+            }
+        })
     }
 
     /// Reads a plain-data object at `addr` (see [`GuestRam::read`]).
@@ -384,6 +426,10 @@ impl GuestRam {
     /// Adds an anonymous region of `size` bytes at `start`, under the write lock of its
     /// range. Both must be multiples of the host page size.
     pub fn add_region(&self, start: u64, size: u64) -> Result<()> {
+        self.insert_region(start, size, true)
+    }
+
+    fn insert_region(&self, start: u64, size: u64, present: bool) -> Result<()> {
         self.check_aligned("Region start", start)?;
         self.check_aligned("Region size", size)?;
         let len = usize::try_from(size)
@@ -408,7 +454,7 @@ impl GuestRam {
         // touching this range; `rcu` retries if a disjoint change swapped the map
         // meanwhile.
         let region = Arc::new(region);
-        let states = Arc::new(PageStates::new(len / page_size, true));
+        let states = Arc::new(PageStates::new(len / page_size, present));
         let mut result = Ok(());
         self.map.rcu(|old| {
             if old
@@ -553,5 +599,6 @@ fn usize_of(v: u64) -> usize {
     usize::try_from(v).unwrap_or(usize::MAX)
 }
 
+pub mod faults;
 #[cfg(test)]
 mod tests;

@@ -8,7 +8,9 @@ pub mod guest_ram;
 pub mod host;
 mod page_state;
 pub mod range_lock;
+pub mod uffd;
 
+pub use guest_ram::faults::{PageContent, PageSource, Resolution, ZeroSource};
 pub use guest_ram::{GuestRam, GuestRamError, RegionInfo};
 pub use host::host_page_size;
 pub use page_state::PageState;

@@ -1,0 +1,332 @@
+//! Missing-page faults: guest RAM registered with a userfaultfd, and the resolution of
+//! one fault under the write lock of its page (DESIGN.md, "who locks what").
+
+use std::io;
+
+use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
+
+use super::{usize_of, GuestRam, GuestRamError, Result};
+use crate::uffd::{Filled, Userfaultfd};
+
+/// What a page's content is, as a [`PageSource`] reports it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PageContent {
+    /// The buffer now holds the page.
+    Data,
+    /// The page is all zeros (the buffer was not touched): mapped with a zero page.
+    Zero,
+}
+
+/// Where missing pages come from: zero fill, a memory image, the migration source.
+pub trait PageSource: Send + Sync {
+    /// Fills `buf` (one host page) with the page at guest-physical `gpa`.
+    fn read_page(&self, gpa: u64, buf: &mut [u8]) -> io::Result<PageContent>;
+}
+
+/// Every page is zero (a fresh guest whose memory is populated lazily).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ZeroSource;
+
+impl PageSource for ZeroSource {
+    fn read_page(&self, _gpa: u64, _buf: &mut [u8]) -> io::Result<PageContent> {
+        Ok(PageContent::Zero)
+    }
+}
+
+/// What `resolve_fault` did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Resolution {
+    /// Copied from the source.
+    Copied,
+    /// Mapped as a zero page (the source said zero, or the balloon had discarded it:
+    /// a ballooned page is never fetched).
+    Zeroed,
+    /// Already present (a racing resolution won, or the kernel reported EEXIST):
+    /// waiters were woken, nothing was populated twice.
+    AlreadyPresent,
+}
+
+impl GuestRam {
+    /// Registers every region with `uffd` for missing-page faults.
+    pub fn register_missing(&self, uffd: &Userfaultfd) -> Result<()> {
+        let map = self.map.load();
+        for region in map.mem.iter() {
+            let start = region.get_mmap().as_ptr() as u64;
+            uffd.register(start, region.len())?;
+        }
+        Ok(())
+    }
+
+    /// The guest-physical address behind a faulting host address, if it is guest RAM.
+    pub fn fault_gpa(&self, host_addr: u64) -> Option<u64> {
+        let map = self.map.load();
+        let gpa = map.mem.iter().find_map(|region| {
+            let base = region.get_mmap().as_ptr() as u64;
+            let offset = host_addr.checked_sub(base)?;
+            (offset < region.len()).then(|| region.start_addr().0 + offset)
+        });
+        gpa
+    }
+
+    /// Resolves the missing page containing `gpa` under the write lock of that page:
+    /// a ballooned page gets a zero page (never the source's copy, so a late fetch
+    /// cannot resurrect it), a present one only wakes its waiters, any other is filled
+    /// from `source` with `UFFDIO_COPY`. EEXIST from a racing resolution is normal.
+    pub fn resolve_fault(
+        &self,
+        uffd: &Userfaultfd,
+        gpa: u64,
+        source: &dyn PageSource,
+    ) -> Result<Resolution> {
+        let page = self.page_size;
+        let start = gpa - gpa % page;
+        let _guard = self.lock.write(start..start + page)?;
+        let map = self.map.load();
+        let (_, r) = map.region_of(start).ok_or(GuestRamError::NotMapped {
+            start,
+            end: start + page,
+        })?;
+        let index = usize_of((start - r.start) / page);
+        let region = map
+            .mem
+            .find_region(GuestAddress(start))
+            .ok_or(GuestRamError::NotMapped {
+                start,
+                end: start + page,
+            })?;
+        let host = region.get_mmap().as_ptr() as u64 + (start - r.start);
+        if r.states.is_present(index) {
+            uffd.wake(host, page)?;
+            return Ok(Resolution::AlreadyPresent);
+        }
+        let filled = if r.states.is_ballooned(index) {
+            // SAFETY: `host .. host + page` is one host page inside this region's live
+            // mapping (the region holds `start`, and regions are page-multiples), which
+            // `register_missing` registered; no Rust reference into guest memory exists
+            // while we hold the page's write lock (every accessor takes the lock).
+            (unsafe { uffd.zero(host, page) }?, Resolution::Zeroed)
+        } else {
+            let mut buf = vec![0u8; usize_of(page)];
+            let content = source
+                .read_page(start, &mut buf)
+                .map_err(|source| GuestRamError::Source { gpa: start, source })?;
+            match content {
+                // SAFETY: as above.
+                PageContent::Zero => (unsafe { uffd.zero(host, page) }?, Resolution::Zeroed),
+                // SAFETY: as above; `buf` is exactly one page.
+                PageContent::Data => (unsafe { uffd.copy(host, &buf) }?, Resolution::Copied),
+            }
+        };
+        r.states.set_present(index..index + 1);
+        Ok(match filled {
+            (Filled::Now, how) => how,
+            (Filled::AlreadyThere, _) => Resolution::AlreadyPresent,
+        })
+    }
+
+    /// Host address of `gpa`, for tests that play a vCPU touching guest memory.
+    #[cfg(test)]
+    pub(crate) fn host_address(&self, gpa: u64) -> Option<u64> {
+        let map = self.map.load();
+        let region = map.mem.find_region(GuestAddress(gpa))?;
+        Some(region.get_mmap().as_ptr() as u64 + (gpa - region.start_addr().0))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::time::{Duration, Instant};
+
+    use super::*;
+    use crate::host_page_size;
+    use crate::range_lock::LockMode;
+
+    /// Page `p` is filled with the byte `p as u8 + 1`.
+    #[derive(Default)]
+    struct Pattern {
+        reads: AtomicUsize,
+    }
+
+    impl PageSource for Pattern {
+        fn read_page(&self, gpa: u64, buf: &mut [u8]) -> io::Result<PageContent> {
+            self.reads.fetch_add(1, Ordering::Relaxed);
+            let fill = u8::try_from((gpa / host_page_size()) % 255).unwrap_or(0) + 1;
+            buf.fill(fill);
+            Ok(PageContent::Data)
+        }
+    }
+
+    fn setup() -> (GuestRam, Userfaultfd, u64) {
+        let page = host_page_size();
+        let ram = GuestRam::new_missing(LockMode::Range, &[(0, 16 * page)]).unwrap();
+        let uffd = Userfaultfd::new().unwrap();
+        ram.register_missing(&uffd).unwrap();
+        (ram, uffd, page)
+    }
+
+    /// Touches `gpa` from another thread as a vCPU would (a plain load from the host
+    /// mapping, blocking in the kernel until the page is filled) and serves the fault.
+    fn touch_and_serve(
+        ram: &GuestRam,
+        uffd: &Userfaultfd,
+        gpa: u64,
+        source: &dyn PageSource,
+    ) -> u8 {
+        let host = ram.host_address(gpa).unwrap();
+        std::thread::scope(|s| {
+            let toucher = s.spawn(move || {
+                let ptr = host as *const u8;
+                // SAFETY: `ptr` points into the guest mapping, which outlives the
+                // scope; a volatile byte load has no aliasing requirements beyond the
+                // mapping being live.
+                unsafe { std::ptr::read_volatile(ptr) }
+            });
+            let deadline = Instant::now() + Duration::from_secs(10);
+            loop {
+                if let Some(fault) = uffd.read_fault().unwrap() {
+                    let gpa = ram.fault_gpa(fault.addr).unwrap();
+                    ram.resolve_fault(uffd, gpa, source).unwrap();
+                    break;
+                }
+                assert!(Instant::now() < deadline, "no fault arrived");
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            toucher.join().unwrap()
+        })
+    }
+
+    #[test]
+    #[cfg_attr(target_arch = "powerpc64", ignore = "qemu-user has no userfaultfd")]
+    fn a_touched_page_is_filled_from_the_source() {
+        let (ram, uffd, page) = setup();
+        let source = Pattern::default();
+        assert!(!ram.page_state(3 * page).unwrap().present);
+        assert_eq!(touch_and_serve(&ram, &uffd, 3 * page + 17, &source), 4);
+        assert!(ram.page_state(3 * page).unwrap().present);
+        assert_eq!(source.reads.load(Ordering::Relaxed), 1);
+        // DMA works on the present page and is refused on a missing one.
+        assert_eq!(ram.read_obj::<u8>(3 * page + 100).unwrap(), 4);
+        assert!(matches!(
+            ram.read_obj::<u8>(4 * page),
+            Err(GuestRamError::NotPresent(p)) if p == 4 * page
+        ));
+        assert!(matches!(
+            ram.write(4 * page - 1, &[1, 2]),
+            Err(GuestRamError::NotPresent(_))
+        ));
+    }
+
+    #[test]
+    #[cfg_attr(target_arch = "powerpc64", ignore = "qemu-user has no userfaultfd")]
+    fn a_page_is_never_populated_twice() {
+        let (ram, uffd, page) = setup();
+        let source = Pattern::default();
+        assert_eq!(
+            ram.resolve_fault(&uffd, 5 * page, &source).unwrap(),
+            Resolution::Copied
+        );
+        // A second resolution of the same page (a racing handler) only wakes.
+        assert_eq!(
+            ram.resolve_fault(&uffd, 5 * page + 8, &source).unwrap(),
+            Resolution::AlreadyPresent
+        );
+        assert_eq!(source.reads.load(Ordering::Relaxed), 1);
+        // The kernel's own EEXIST, when our state did not know: handled, not an error.
+        let host = ram.host_address(5 * page).unwrap();
+        let buf = vec![9u8; usize_of(page)];
+        // SAFETY: one page of the registered guest mapping; no reference into it.
+        let again = unsafe { uffd.copy(host, &buf) }.unwrap();
+        assert_eq!(again, Filled::AlreadyThere);
+        assert_eq!(ram.read_obj::<u8>(5 * page).unwrap(), 6, "first copy kept");
+    }
+
+    #[test]
+    #[cfg_attr(target_arch = "powerpc64", ignore = "qemu-user has no userfaultfd")]
+    fn a_ballooned_page_is_zeroed_not_fetched() {
+        let (ram, uffd, page) = setup();
+        let source = Pattern::default();
+        ram.discard(7 * page..8 * page).unwrap();
+        assert_eq!(touch_and_serve(&ram, &uffd, 7 * page, &source), 0);
+        assert_eq!(
+            source.reads.load(Ordering::Relaxed),
+            0,
+            "the source was asked"
+        );
+        let state = ram.page_state(7 * page).unwrap();
+        assert!(state.present && !state.ballooned);
+        assert_eq!(
+            ram.resolve_fault(&uffd, 9 * page, &ZeroSource).unwrap(),
+            Resolution::Zeroed
+        );
+    }
+
+    #[test]
+    #[cfg_attr(target_arch = "powerpc64", ignore = "qemu-user has no userfaultfd")]
+    fn faults_outside_guest_ram_are_errors() {
+        let (ram, uffd, page) = setup();
+        assert_eq!(ram.fault_gpa(8), None);
+        assert!(matches!(
+            ram.resolve_fault(&uffd, 100 * page, &ZeroSource),
+            Err(GuestRamError::NotMapped { .. })
+        ));
+        assert!(ram.range_lock().is_idle());
+        // Memory that was never registered: the kernel refuses the copy, the page
+        // stays missing in our state, and the error says so.
+        let unregistered = GuestRam::new_missing(LockMode::Range, &[(0, 4 * page)]).unwrap();
+        let r = unregistered.resolve_fault(&uffd, 2 * page, &Pattern::default());
+        assert!(matches!(r, Err(GuestRamError::Uffd(_))), "{r:?}");
+        assert!(!unregistered.page_state(2 * page).unwrap().present);
+        assert!(unregistered.range_lock().is_idle());
+    }
+
+    #[test]
+    #[cfg_attr(target_arch = "powerpc64", ignore = "qemu-user has no userfaultfd")]
+    fn concurrent_touchers_and_handlers_fetch_each_page_once() {
+        const PAGES: u64 = 64;
+        let page = host_page_size();
+        let ram = GuestRam::new_missing(LockMode::Range, &[(0, PAGES * page)]).unwrap();
+        let uffd = Userfaultfd::new().unwrap();
+        ram.register_missing(&uffd).unwrap();
+        let source = Pattern::default();
+        let base = ram.host_address(0).unwrap();
+        let done = std::sync::atomic::AtomicBool::new(false);
+        std::thread::scope(|s| {
+            let touchers: Vec<_> = (0..4u64)
+                .map(|t| {
+                    s.spawn(move || {
+                        let mut sum = 0u64;
+                        for i in 0..PAGES {
+                            // Each toucher walks the pages in its own order.
+                            let p = (i * 13 + t * 7) % PAGES;
+                            let ptr = (base + p * page + t) as *const u8;
+                            // SAFETY: inside the live guest mapping; a volatile load.
+                            let v = unsafe { std::ptr::read_volatile(ptr) };
+                            assert_eq!(u64::from(v), p % 255 + 1, "page {p}");
+                            sum += u64::from(v);
+                        }
+                        sum
+                    })
+                })
+                .collect();
+            for _ in 0..2 {
+                s.spawn(|| {
+                    while !done.load(Ordering::Acquire) {
+                        match uffd.read_fault().unwrap() {
+                            Some(fault) => {
+                                let gpa = ram.fault_gpa(fault.addr).unwrap();
+                                ram.resolve_fault(&uffd, gpa, &source).unwrap();
+                            }
+                            None => std::thread::yield_now(),
+                        }
+                    }
+                });
+            }
+            let sums: Vec<u64> = touchers.into_iter().map(|t| t.join().unwrap()).collect();
+            done.store(true, Ordering::Release);
+            assert!(sums.iter().all(|&s| s == sums[0]));
+        });
+        assert_eq!(source.reads.load(Ordering::Relaxed), usize_of(PAGES));
+        assert!(ram.range_lock().is_idle());
+    }
+}
