@@ -4,12 +4,14 @@
 //! takes the [`range_lock::RangeLock`] over the guest-physical range it touches, in the
 //! mode DESIGN.md's "who locks what" table gives.
 
+pub mod fault_engine;
 pub mod guest_ram;
 pub mod host;
 mod page_state;
 pub mod range_lock;
 pub mod uffd;
 
+pub use fault_engine::{FaultEngine, FaultEngineConfig, FaultEngineError, FaultStats};
 pub use guest_ram::faults::{PageContent, PageSource, Resolution, ZeroSource};
 pub use guest_ram::{GuestRam, GuestRamError, RegionInfo};
 pub use host::host_page_size;

@@ -2,6 +2,7 @@
 //! one fault under the write lock of its page (DESIGN.md, "who locks what").
 
 use std::io;
+use std::ops::Range;
 
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 
@@ -49,10 +50,25 @@ pub enum Resolution {
 impl GuestRam {
     /// Registers every region with `uffd` for missing-page faults.
     pub fn register_missing(&self, uffd: &Userfaultfd) -> Result<()> {
+        self.register_missing_range(uffd, 0..u64::MAX)
+    }
+
+    /// Registers the guest RAM inside `gpa` (page-aligned) with `uffd`: several
+    /// userfaultfds can share the guest's memory, each serving its own part.
+    pub fn register_missing_range(&self, uffd: &Userfaultfd, gpa: Range<u64>) -> Result<()> {
+        self.check_aligned("Registration start", gpa.start)?;
+        if gpa.end != u64::MAX {
+            self.check_aligned("Registration end", gpa.end)?;
+        }
         let map = self.map.load();
         for region in map.mem.iter() {
-            let start = region.get_mmap().as_ptr() as u64;
-            uffd.register(start, region.len())?;
+            let r_start = region.start_addr().0;
+            let start = gpa.start.max(r_start);
+            let end = gpa.end.min(r_start + region.len());
+            if start < end {
+                let host = region.get_mmap().as_ptr() as u64 + (start - r_start);
+                uffd.register(host, end - start)?;
+            }
         }
         Ok(())
     }
