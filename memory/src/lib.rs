@@ -16,4 +16,4 @@ pub use guest_ram::faults::{PageContent, PageSource, Resolution, ZeroSource};
 pub use guest_ram::{GuestRam, GuestRamError, RegionInfo};
 pub use host::host_page_size;
 pub use page_state::PageState;
-pub use range_lock::{Access, LockMode, Pending, RangeGuard, RangeLock, RangeLockError};
+pub use range_lock::{Access, LockMode, LockStats, Pending, RangeGuard, RangeLock, RangeLockError};

@@ -159,6 +159,50 @@ pub struct RangeLock {
     fast_max_start: u64,
     bucket_mask: u64,
     buckets: Box<[Bucket]>,
+    stats: WaitStats,
+}
+
+/// What blocking requests have waited for (see [`RangeLock::stats`]).
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct LockStats {
+    /// Blocking acquisitions that had to wait (spin or queue).
+    pub waits: u64,
+    /// Of those, waits for requests whose asked-for ranges did not overlap: always 0 in
+    /// `LockMode::Range`, the price of the one big lock in `LockMode::Global`.
+    pub disjoint_waits: u64,
+    /// Total time spent waiting, in nanoseconds.
+    pub wait_ns: u64,
+}
+
+/// Counters written only by requests that waited (already off the fast path), on a
+/// line of their own.
+#[derive(Debug, Default)]
+#[repr(align(128))]
+struct WaitStats {
+    waits: std::sync::atomic::AtomicU64,
+    disjoint_waits: std::sync::atomic::AtomicU64,
+    wait_ns: std::sync::atomic::AtomicU64,
+}
+
+impl WaitStats {
+    fn record(&self, waited: std::time::Duration, disjoint: bool) {
+        use std::sync::atomic::Ordering::Relaxed;
+        self.waits.fetch_add(1, Relaxed);
+        if disjoint {
+            self.disjoint_waits.fetch_add(1, Relaxed);
+        }
+        let ns = u64::try_from(waited.as_nanos()).unwrap_or(u64::MAX);
+        self.wait_ns.fetch_add(ns, Relaxed);
+    }
+
+    fn snapshot(&self) -> LockStats {
+        use std::sync::atomic::Ordering::Relaxed;
+        LockStats {
+            waits: self.waits.load(Relaxed),
+            disjoint_waits: self.disjoint_waits.load(Relaxed),
+            wait_ns: self.wait_ns.load(Relaxed),
+        }
+    }
 }
 
 /// The buckets a request touches.
@@ -220,6 +264,7 @@ impl RangeLock {
             fast_flags,
             bucket_mask: buckets as u64 - 1,
             buckets: (0..buckets).map(|_| Bucket::default()).collect(),
+            stats: WaitStats::default(),
         })
     }
 
@@ -270,10 +315,34 @@ impl RangeLock {
         if let Some(guard) = self.try_fast(range.start, range.end, access) {
             return Ok(guard);
         }
-        if let Some(guard) = self.spin_fast(range.start, range.end, access) {
+        self.lock_slow(range, access)
+    }
+
+    /// Everything after a failed fast attempt, with the wait accounted in `stats`.
+    #[inline(never)]
+    fn lock_slow(
+        &self,
+        range: Range<u64>,
+        access: Access,
+    ) -> Result<RangeGuard<'_>, RangeLockError> {
+        let started = std::time::Instant::now();
+        if let Some((guard, disjoint)) = self.spin_fast(range.start, range.end, access) {
+            self.stats.record(started.elapsed(), disjoint);
             return Ok(guard);
         }
-        Ok(self.enqueue_listed(range, access)?.wait())
+        let pending = self.enqueue_listed(range, access)?;
+        if pending.is_granted() {
+            return Ok(pending.wait());
+        }
+        let guard = pending.wait();
+        self.stats
+            .record(started.elapsed(), guard.disjoint_blockers() > 0);
+        Ok(guard)
+    }
+
+    /// What blocking requests have waited for so far.
+    pub fn stats(&self) -> LockStats {
+        self.stats.snapshot()
     }
 
     /// When the bucket's only occupant is a conflicting fast holder, spins a little for
@@ -283,8 +352,14 @@ impl RangeLock {
     /// queues in FIFO order like everybody else.
     #[cfg(not(loom))]
     #[inline(never)]
-    fn spin_fast(&self, req_start: u64, req_end: u64, access: Access) -> Option<RangeGuard<'_>> {
+    fn spin_fast(
+        &self,
+        req_start: u64,
+        req_end: u64,
+        access: Access,
+    ) -> Option<(RangeGuard<'_>, bool)> {
         let (bucket, word) = self.fast_word(req_start, req_end, access)?;
+        let mut disjoint = false;
         let me = self.decode_fast(word)?;
         let fast = &self.buckets[bucket].fast;
         for round in 0..FAST_SPIN_ROUNDS {
@@ -294,20 +369,23 @@ impl RangeLock {
                     .compare_exchange(0, word, Ordering::Acquire, Ordering::Relaxed)
                     .is_ok()
                 {
-                    return Some(RangeGuard {
+                    let guard = RangeGuard {
                         lock: self,
                         word,
                         bucket,
                         listed: Listed::default(),
-                    });
+                    };
+                    return Some((guard, disjoint));
                 }
                 continue;
             }
             // Something is queued, or the holder does not conflict with us (the list
             // grants at once): no point in spinning.
-            if current & SLOW != 0 || !self.decode_fast(current)?.conflicts_with(&me) {
+            let holder = self.decode_fast(current & !SLOW)?;
+            if current & SLOW != 0 || !holder.conflicts_with(&me) {
                 return None;
             }
+            disjoint = !(holder.req_start < req_end && req_start < holder.req_end);
             for _ in 0..(1u32 << (round / 8).min(6)) {
                 std::hint::spin_loop();
             }
@@ -316,7 +394,7 @@ impl RangeLock {
     }
 
     #[cfg(loom)]
-    fn spin_fast(&self, _: u64, _: u64, _: Access) -> Option<RangeGuard<'_>> {
+    fn spin_fast(&self, _: u64, _: u64, _: Access) -> Option<(RangeGuard<'_>, bool)> {
         None
     }
 

@@ -283,3 +283,29 @@ fn for_memory_sizes_buckets_to_the_memory() {
         1
     );
 }
+
+#[test]
+fn waits_are_counted_and_disjoint_ones_only_in_global_mode() {
+    for (mode, other, disjoint) in [
+        (LockMode::Range, 0..PAGE / 2, 0),
+        (LockMode::Global, 10 * PAGE..11 * PAGE, 1),
+    ] {
+        let lock = small(mode);
+        let holder = lock.write(0..PAGE).unwrap();
+        assert_eq!(lock.stats(), LockStats::default());
+        thread::scope(|s| {
+            let waiter = s.spawn(|| drop(lock.write(other.clone()).unwrap()));
+            // Once the waiter has queued, the holder's bucket is in list mode.
+            let bucket = &lock.buckets[lock.fast_word(0, PAGE, Access::Write).unwrap().0];
+            while bucket.fast.load(Ordering::Acquire) & SLOW == 0 {
+                thread::yield_now();
+            }
+            drop(holder);
+            waiter.join().unwrap();
+        });
+        let stats = lock.stats();
+        assert_eq!((stats.waits, stats.disjoint_waits), (1, disjoint), "{mode}");
+        assert!(stats.wait_ns > 0);
+        assert!(lock.is_idle());
+    }
+}
