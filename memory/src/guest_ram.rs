@@ -194,6 +194,8 @@ impl MemoryMap {
 pub struct GuestRam {
     lock: RangeLock,
     page_size: u64,
+    /// Pages start missing and are served by userfaultfd (`new_missing`).
+    missing: bool,
     map: ArcSwap<MemoryMap>,
 }
 
@@ -217,6 +219,7 @@ impl GuestRam {
         let ram = GuestRam {
             lock,
             page_size,
+            missing: !present,
             map: ArcSwap::from_pointee(MemoryMap::default()),
         };
         for &(start, size) in regions {
@@ -354,7 +357,7 @@ impl GuestRam {
             madvise_discard(&map.mem, i, s, e)?;
             let page = self.page_size;
             let pages = usize_of((s - r.start) / page)..usize_of((e - r.start) / page);
-            r.states.set_ballooned(pages);
+            r.states.set_ballooned(pages, self.missing);
             mark_dirty(&map.mem, s, e);
             Ok(())
         })

@@ -10,6 +10,9 @@ use std::sync::atomic::{AtomicU8, Ordering};
 
 const PRESENT: u8 = 1 << 0;
 const BALLOONED: u8 = 1 << 1;
+/// Given back to the host (madvise) and not filled since: zero on next touch, never
+/// fetched. Survives a balloon deflate, which only ends the balloon's claim.
+const DISCARDED: u8 = 1 << 2;
 
 /// A snapshot of one page's state.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -61,9 +64,15 @@ impl PageStates {
         }
     }
 
-    /// The pages were discarded by the balloon.
-    pub(crate) fn set_ballooned(&self, pages: std::ops::Range<usize>) {
-        self.update(pages, BALLOONED, 0);
+    pub(crate) fn is_discarded(&self, page: usize) -> bool {
+        self.load(page) & DISCARDED != 0
+    }
+
+    /// The pages were discarded by the balloon. With `missing` (memory served by
+    /// userfaultfd) they are no longer present: the next touch faults and is zero-filled.
+    pub(crate) fn set_ballooned(&self, pages: std::ops::Range<usize>, missing: bool) {
+        let clear = if missing { PRESENT } else { 0 };
+        self.update(pages, BALLOONED | DISCARDED, clear);
     }
 
     /// The balloon gave the pages back (deflate).
@@ -73,7 +82,7 @@ impl PageStates {
 
     /// The pages now hold data (received, zero-filled, or written by the VMM).
     pub(crate) fn set_present(&self, pages: std::ops::Range<usize>) {
-        self.update(pages, PRESENT, BALLOONED);
+        self.update(pages, PRESENT, BALLOONED | DISCARDED);
     }
 }
 
@@ -85,7 +94,7 @@ mod tests {
     fn flags_set_and_clear_independently() {
         let s = PageStates::new(4, false);
         assert!(!s.is_present(0));
-        s.set_ballooned(1..3);
+        s.set_ballooned(1..3, false);
         assert!(s.is_ballooned(1) && s.is_ballooned(2) && !s.is_ballooned(3));
         s.set_present(2..4);
         assert!(
@@ -95,6 +104,10 @@ mod tests {
         assert!(s.is_ballooned(1) && !s.is_present(1));
         s.clear_ballooned(0..4);
         assert!(!s.is_ballooned(1));
+        assert!(s.is_discarded(1), "zero on touch until filled");
+        // Userfaultfd-served memory: a discarded page is missing again.
+        s.set_ballooned(2..3, true);
+        assert!(!s.is_present(2) && s.is_ballooned(2) && s.is_discarded(2));
         // Out of range is ignored, never a panic.
         assert!(!s.is_present(100));
         s.set_present(3..100);

@@ -5,6 +5,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand, ValueEnum};
 
 use crate::host_check::{self, HostCheckError};
+use crate::stress::{self, StressArgs, StressError};
 
 /// Errors of the CLI's commands.
 #[derive(Debug, thiserror::Error)]
@@ -12,6 +13,37 @@ pub enum CliError {
     /// `rangevm host-check` failed.
     #[error("Host check failed")]
     HostCheck(#[from] HostCheckError),
+    /// `rangevm stress` failed.
+    #[error("Stress test failed")]
+    Stress(#[from] StressError),
+}
+
+/// Parses a size: bytes, or a number with a K, M, G or T suffix (powers of 1024).
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let (digits, shift) = match t.char_indices().last() {
+        Some((i, c)) if c.is_ascii_alphabetic() => {
+            let shift = match c.to_ascii_uppercase() {
+                'K' => 10,
+                'M' => 20,
+                'G' => 30,
+                'T' => 40,
+                _ => {
+                    return Err(format!(
+                        "'{s}' is not a size: unknown suffix '{c}' (use K, M, G or T)"
+                    ))
+                }
+            };
+            (&t[..i], shift)
+        }
+        _ => (t, 0),
+    };
+    let n: u64 = digits
+        .parse()
+        .map_err(|_| format!("'{s}' is not a size (examples: 4096, 512M, 2G)"))?;
+    n.checked_mul(1 << shift)
+        .filter(|&v| v > 0)
+        .ok_or_else(|| format!("'{s}' is zero or too large"))
 }
 
 /// Log verbosity.
@@ -70,11 +102,22 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Stress concurrent page faulting on userfaultfd-backed guest memory: host-thread
+    /// workers touch missing pages, handler threads fill them under the range lock,
+    /// and the workers give them back through the balloon path so they fault again.
+    /// Reports faults/s, touch latency percentiles, and how long and how often the
+    /// range lock made anybody wait (and whether for a non-overlapping range).
+    /// `--compare` runs range mode and global mode on the same work.
+    Stress(StressArgs),
 }
 
 /// Runs the parsed command line.
 pub fn run(cli: Cli) -> Result<ExitCode, CliError> {
     match cli.command {
+        Command::Stress(args) => {
+            stress::run(&args)?;
+            Ok(ExitCode::SUCCESS)
+        }
         Command::HostCheck { json } => {
             let report = host_check::check()?;
             if json {
@@ -99,6 +142,17 @@ mod tests {
     #[test]
     fn cli_definition_is_consistent() {
         Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn sizes_parse() {
+        assert_eq!(parse_size("4096"), Ok(4096));
+        assert_eq!(parse_size("256M"), Ok(256 << 20));
+        assert_eq!(parse_size("2g"), Ok(2 << 30));
+        assert!(parse_size("12Q").is_err());
+        assert!(parse_size("M").is_err());
+        assert!(parse_size("0").is_err());
+        assert!(parse_size("99999999999T").is_err());
     }
 
     #[test]

@@ -5,3 +5,4 @@
 
 pub mod cli;
 pub mod host_check;
+pub mod stress;

@@ -39,3 +39,50 @@ fn host_check_json_reports_the_page_size() {
     );
     assert_eq!(out.status.success(), text.contains("\"api_version\":12"));
 }
+
+#[test]
+fn stress_compare_reports_both_modes_and_no_disjoint_waits_in_range_mode() {
+    let out = rangevm(&[
+        "stress",
+        "--duration",
+        "0.3",
+        "--memory",
+        "8M",
+        "--workers",
+        "2",
+        "--pattern",
+        "random",
+        "--balloon-churn",
+        "--harvest-interval",
+        "20",
+        "--compare",
+        "--json",
+    ]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines.len(), 2, "{text}");
+    assert!(lines[0].contains("\"mem_lock\":\"range\""), "{text}");
+    assert!(lines[1].contains("\"mem_lock\":\"global\""), "{text}");
+    for line in &lines {
+        assert!(line.contains("\"wrong_content\":0"), "{line}");
+        assert!(!line.contains("\"faults\":0,"), "no faults: {line}");
+    }
+    assert!(lines[0].contains("\"disjoint_waits\":0"), "{}", lines[0]);
+}
+
+#[test]
+fn stress_rejects_bad_options_in_one_sentence() {
+    let out = rangevm(&["stress", "--memory", "10X"]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("unknown suffix 'X'"), "{err}");
+    let out = rangevm(&["stress", "--memory", "4K", "--workers", "4"]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("give each at least one"), "{err}");
+}

@@ -85,8 +85,8 @@ impl GuestRam {
     }
 
     /// Resolves the missing page containing `gpa` under the write lock of that page:
-    /// a ballooned page gets a zero page (never the source's copy, so a late fetch
-    /// cannot resurrect it), a present one only wakes its waiters, any other is filled
+    /// a ballooned or discarded page gets a zero page (never the source's copy, so a
+    /// late fetch cannot resurrect it), a present one only wakes its waiters, any other is filled
     /// from `source` with `UFFDIO_COPY`. EEXIST from a racing resolution is normal.
     pub fn resolve_fault(
         &self,
@@ -115,7 +115,7 @@ impl GuestRam {
             uffd.wake(host, page)?;
             return Ok(Resolution::AlreadyPresent);
         }
-        let filled = if r.states.is_ballooned(index) {
+        let filled = if r.states.is_ballooned(index) || r.states.is_discarded(index) {
             // SAFETY: `host .. host + page` is one host page inside this region's live
             // mapping (the region holds `start`, and regions are page-multiples), which
             // `register_missing` registered; no Rust reference into guest memory exists
@@ -140,12 +140,20 @@ impl GuestRam {
         })
     }
 
-    /// Host address of `gpa`, for tests that play a vCPU touching guest memory.
-    #[cfg(test)]
-    pub(crate) fn host_address(&self, gpa: u64) -> Option<u64> {
+    /// The host virtual address of guest-physical `gpa`, as a number: what a KVM memory
+    /// slot maps, and what a stand-in for a vCPU (the stress tool, tests) touches.
+    /// Dereferencing it bypasses the range lock, as a vCPU does; that is the caller's
+    /// `unsafe` to justify.
+    pub fn host_address(&self, gpa: u64) -> Result<u64> {
         let map = self.map.load();
-        let region = map.mem.find_region(GuestAddress(gpa))?;
-        Some(region.get_mmap().as_ptr() as u64 + (gpa - region.start_addr().0))
+        let region = map
+            .mem
+            .find_region(GuestAddress(gpa))
+            .ok_or(GuestRamError::NotMapped {
+                start: gpa,
+                end: gpa.saturating_add(1),
+            })?;
+        Ok(region.get_mmap().as_ptr() as u64 + (gpa - region.start_addr().0))
     }
 }
 
@@ -271,6 +279,14 @@ mod tests {
         );
         let state = ram.page_state(7 * page).unwrap();
         assert!(state.present && !state.ballooned);
+        // Inflate then deflate: the page is missing again and still never fetched.
+        for _ in 0..3 {
+            ram.discard(7 * page..8 * page).unwrap();
+            ram.reclaim(7 * page..8 * page).unwrap();
+            assert!(!ram.page_state(7 * page).unwrap().present);
+            assert_eq!(touch_and_serve(&ram, &uffd, 7 * page, &source), 0);
+        }
+        assert_eq!(source.reads.load(Ordering::Relaxed), 0);
         assert_eq!(
             ram.resolve_fault(&uffd, 9 * page, &ZeroSource).unwrap(),
             Resolution::Zeroed
