@@ -45,24 +45,29 @@ pub fn repo_root() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from("."))
 }
 
+/// Runs `resources/<name>` with `args` and returns its standard output, trimmed.
+fn run_script(name: &str, args: &[&std::ffi::OsStr]) -> Result<String, HarnessError> {
+    let script = repo_root().join("resources").join(name);
+    let out = Command::new("bash")
+        .arg(&script)
+        .args(args)
+        .output()
+        .map_err(|e| HarnessError::Tool(format!("cannot run {}: {e}", script.display())))?;
+    if !out.status.success() {
+        return Err(HarnessError::Tool(format!(
+            "{} failed: {}",
+            script.display(),
+            String::from_utf8_lossy(&out.stderr)
+        )));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+}
+
 impl DefaultGuest {
     /// Builds the guest with `resources/build-guest.sh` (a no-op when the cache is up
     /// to date) and returns its files.
     pub fn build() -> Result<Self, HarnessError> {
-        let script = repo_root().join("resources/build-guest.sh");
-        let out = Command::new("bash")
-            .arg(&script)
-            .arg("--print-dir")
-            .output()
-            .map_err(|e| HarnessError::Tool(format!("cannot run {}: {e}", script.display())))?;
-        if !out.status.success() {
-            return Err(HarnessError::Tool(format!(
-                "{} failed: {}",
-                script.display(),
-                String::from_utf8_lossy(&out.stderr)
-            )));
-        }
-        let dir = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
+        let dir = PathBuf::from(run_script("build-guest.sh", &["--print-dir".as_ref()])?);
         let cmdline = std::fs::read_to_string(dir.join("cmdline"))
             .map_err(|e| HarnessError::Tool(format!("no cmdline in {}: {e}", dir.display())))?;
         Ok(DefaultGuest {
@@ -212,23 +217,15 @@ impl EmuHost {
                 })?;
             }
             let initrd = dir.join("host.cpio.gz");
-            let script = repo_root().join("resources/build-emuhost.sh");
-            let out = Command::new("bash")
-                .arg(&script)
-                .arg("--payload")
-                .arg(&payload)
-                .arg("--out")
-                .arg(&initrd)
-                .output()
-                .map_err(|e| HarnessError::Tool(format!("cannot run {}: {e}", script.display())))?;
-            if !out.status.success() {
-                return Err(HarnessError::Tool(format!(
-                    "{} failed: {}",
-                    script.display(),
-                    String::from_utf8_lossy(&out.stderr)
-                )));
-            }
-            let kernel = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
+            let kernel = PathBuf::from(run_script(
+                "build-emuhost.sh",
+                &[
+                    "--payload".as_ref(),
+                    payload.as_os_str(),
+                    "--out".as_ref(),
+                    initrd.as_os_str(),
+                ],
+            )?);
             let cmdline = format!(
                 "console=ttyS0 loglevel=4 reboot=k panic=1 rangevm.cmd64={}",
                 base64(command.as_bytes())
