@@ -66,6 +66,12 @@ struct WaitState {
 }
 
 impl Waiter {
+    /// A waiter for a request that found `blockers` earlier conflicting requests, or
+    /// `None` if it found none (it holds its range at once).
+    pub(crate) fn for_blockers(blockers: usize) -> Option<Arc<Self>> {
+        (blockers > 0).then(|| Arc::new(Waiter::new(blockers)))
+    }
+
     pub(crate) fn new(pending: usize) -> Self {
         Waiter {
             pending: AtomicUsize::new(pending),
@@ -134,6 +140,16 @@ pub(crate) struct Entry {
     pub(crate) seq: u64,
     /// Set when the request had to wait at arrival.
     pub(crate) waiter: Option<Arc<Waiter>>,
+}
+
+impl Entry {
+    pub(crate) fn new(piece: Piece, seq: u64, waiter: &Option<Arc<Waiter>>) -> Self {
+        Entry {
+            piece,
+            seq,
+            waiter: waiter.clone(),
+        }
+    }
 }
 
 /// What a new request found in one bucket.

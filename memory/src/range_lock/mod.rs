@@ -656,16 +656,9 @@ impl RangeLock {
         if found.blockers > 0 && !block {
             return None;
         }
-        let waiter = (found.blockers > 0).then(|| Arc::new(Waiter::new(found.blockers)));
+        let waiter = Waiter::for_blockers(found.blockers);
         let seq = l.state.next_seq();
-        l.state.insert(
-            Entry {
-                piece,
-                seq,
-                waiter: waiter.clone(),
-            },
-            wide,
-        );
+        l.state.insert(Entry::new(piece, seq, &waiter), wide);
         Some((seq, found, waiter))
     }
 
@@ -697,20 +690,16 @@ impl RangeLock {
         if found.blockers > 0 && !block {
             return None;
         }
-        let waiter = (found.blockers > 0).then(|| Arc::new(Waiter::new(found.blockers)));
+        let waiter = Waiter::for_blockers(found.blockers);
         let mut li = 0;
         for (b, piece, wide) in pieces {
             while locked[li].0 != b {
                 li += 1;
             }
-            locked[li].1.state.insert(
-                Entry {
-                    piece,
-                    seq,
-                    waiter: waiter.clone(),
-                },
-                wide,
-            );
+            locked[li]
+                .1
+                .state
+                .insert(Entry::new(piece, seq, &waiter), wide);
         }
         Some((seq, found, waiter))
     }
