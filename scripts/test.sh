@@ -4,7 +4,8 @@
 #   2. ppc64le   cargo test -p rangevm-memory --target powerpc64le-...     (under qemu-ppc64le-static,
 #                runner set in .cargo/config.toml, with QEMU_PAGESIZE=65536 so the tests see the
 #                64 KiB pages of a ppc64le host; the page-size test checks that they do)
-#   3. loom      RUSTFLAGS="--cfg loom" cargo test -p rangevm-memory --release --test loom_range_lock
+#   3. ppc64le-build  cargo check --workspace --all-targets --target powerpc64le-... with -D warnings
+#   4. loom      RUSTFLAGS="--cfg loom" cargo test -p rangevm-memory --release --test loom_range_lock
 #                (model checking of the range lock's small cases, every interleaving with up to
 #                5 preemptions, ~15 s; own target dir so the normal build cache stays)
 # Installs missing prerequisites first (scripts/ensure-deps.sh). Every step runs even if an
@@ -79,6 +80,12 @@ run_step native \
 run_step ppc64le \
     env QEMU_PAGESIZE=65536 RANGEVM_EXPECT_PAGE_SIZE=65536 cargo test -p rangevm-memory --target "$CROSS_TARGET"
 
+# The whole workspace builds for ppc64le without warnings (x86-only code stays behind
+# arch/); a target dir of its own, since RUSTFLAGS differ from the test build's.
+run_step ppc64le-build \
+    env RUSTFLAGS="${RUSTFLAGS:+$RUSTFLAGS }-D warnings" CARGO_TARGET_DIR="$TARGET_BASE/ppc64le-check" \
+    cargo check --workspace --all-targets --target "$CROSS_TARGET"
+
 if [ -f "$ROOT/memory/tests/loom_range_lock.rs" ]; then
     run_step loom \
         env RUSTFLAGS="${RUSTFLAGS:+$RUSTFLAGS }--cfg loom" \
@@ -94,7 +101,7 @@ fi
 section "summary"
 failed_steps=()
 for idx in "${!step_names[@]}"; do
-    printf '  %-8s %s\n' "${step_names[$idx]}" "${step_results[$idx]}"
+    printf '  %-14s %s\n' "${step_names[$idx]}" "${step_results[$idx]}"
     case "${step_results[$idx]}" in FAILED*) failed_steps+=("${step_names[$idx]}") ;; esac
 done
 if [ "${#failed_steps[@]}" -gt 0 ]; then

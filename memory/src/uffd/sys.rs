@@ -80,7 +80,6 @@ const _: () = assert!(std::mem::size_of::<UffdMsg>() == 32);
 
 pub(crate) const UFFDIO_API: libc::Ioctl = libc::_IOWR::<UffdioApi>(UFFDIO, 0x3F);
 pub(crate) const UFFDIO_REGISTER: libc::Ioctl = libc::_IOWR::<UffdioRegister>(UFFDIO, 0x00);
-pub(crate) const UFFDIO_UNREGISTER: libc::Ioctl = libc::_IOR::<UffdioRange>(UFFDIO, 0x01);
 pub(crate) const UFFDIO_WAKE: libc::Ioctl = libc::_IOR::<UffdioRange>(UFFDIO, 0x02);
 pub(crate) const UFFDIO_COPY: libc::Ioctl = libc::_IOWR::<UffdioCopy>(UFFDIO, 0x03);
 pub(crate) const UFFDIO_ZEROPAGE: libc::Ioctl = libc::_IOWR::<UffdioZeropage>(UFFDIO, 0x04);
@@ -92,7 +91,6 @@ pub(crate) const USERFAULTFD_IOC_NEW: libc::Ioctl = libc::_IO(UFFDIO, 0x00);
 const _: () = {
     assert!(UFFDIO_API == 0xc018_aa3f);
     assert!(UFFDIO_REGISTER == 0xc020_aa00);
-    assert!(UFFDIO_UNREGISTER == 0x8010_aa01);
     assert!(UFFDIO_WAKE == 0x8010_aa02);
     assert!(UFFDIO_COPY == 0xc028_aa03);
     assert!(UFFDIO_ZEROPAGE == 0xc020_aa04);
