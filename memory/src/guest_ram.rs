@@ -281,40 +281,48 @@ impl GuestRam {
     /// Device DMA from guest memory: reads `buf.len()` bytes at `addr` under the read
     /// lock of that range.
     pub fn read(&self, addr: u64, buf: &mut [u8]) -> Result<()> {
-        if buf.is_empty() {
-            return Ok(());
-        }
-        let range = Self::range_of(addr, buf.len())?;
-        let _guard = self.lock.read(range.clone())?;
-        let map = self.map.load();
-        self.check_present(&map, &range)?;
-        map.mem
-            .read_slice(buf, GuestAddress(addr))
-            .map_err(|source| GuestRamError::Access { addr, source })
+        self.dma(addr, buf.len(), |map, _| {
+            map.mem
+                .read_slice(buf, GuestAddress(addr))
+                .map_err(|source| GuestRamError::Access { addr, source })
+        })
     }
 
     /// Device DMA into guest memory: writes `buf` at `addr` under the read lock of that
     /// range (DMA excludes faults, discards and region changes, not other DMA), and
     /// marks the pages dirty and no longer ballooned.
     pub fn write(&self, addr: u64, buf: &[u8]) -> Result<()> {
-        if buf.is_empty() {
+        let page = self.page_size;
+        self.dma(addr, buf.len(), |map, range| {
+            map.for_each_piece(range.start, range.end, |_, r, s, e| {
+                let first = usize_of((s - r.start) / page);
+                let last = usize_of((e - 1 - r.start) / page);
+                r.states.set_present(first..last + 1);
+                Ok(())
+            })?;
+            // vm-memory marks the AtomicBitmap dirty for every page it writes.
+            map.mem
+                .write_slice(buf, GuestAddress(addr))
+                .map_err(|source| GuestRamError::Access { addr, source })
+        })
+    }
+
+    /// The common part of device DMA: `len` bytes at `addr`, under the read lock of
+    /// that range, all of it guest RAM and present; `access` does the copy.
+    fn dma(
+        &self,
+        addr: u64,
+        len: usize,
+        access: impl FnOnce(&MemoryMap, &Range<u64>) -> Result<()>,
+    ) -> Result<()> {
+        if len == 0 {
             return Ok(());
         }
-        let range = Self::range_of(addr, buf.len())?;
+        let range = Self::range_of(addr, len)?;
         let _guard = self.lock.read(range.clone())?;
         let map = self.map.load();
         self.check_present(&map, &range)?;
-        let page = self.page_size;
-        map.for_each_piece(range.start, range.end, |_, r, s, e| {
-            let first = usize_of((s - r.start) / page);
-            let last = usize_of((e - 1 - r.start) / page);
-            r.states.set_present(first..last + 1);
-            Ok(())
-        })?;
-        // vm-memory marks the AtomicBitmap dirty for every page it writes.
-        map.mem
-            .write_slice(buf, GuestAddress(addr))
-            .map_err(|source| GuestRamError::Access { addr, source })
+        access(&map, &range)
     }
 
     /// Fails if `range` is not all guest RAM, or if a page of it is missing (postcopy,
