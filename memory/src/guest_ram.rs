@@ -341,6 +341,26 @@ impl GuestRam {
         })
     }
 
+    /// Boot-time loading by code that speaks vm-memory (a kernel loader): runs `f` on the
+    /// whole guest memory under the write lock of all of it, so nothing else touches
+    /// guest RAM meanwhile. Writes through vm-memory mark the pages dirty. Refused for
+    /// userfaultfd-served RAM (`new_missing`): touching a missing page here would block
+    /// in a fault nobody can serve while this lock is held.
+    pub fn load_with<R>(&self, f: impl FnOnce(&GuestMemoryMmap<AtomicBitmap>) -> R) -> Result<R> {
+        let map = self.map.load();
+        let (start, end) = match (map.regions.first(), map.regions.last()) {
+            (Some(first), Some(last)) => (first.start, last.start + last.size),
+            _ => return Err(GuestRamError::NotMapped { start: 0, end: 0 }),
+        };
+        if self.missing {
+            return Err(GuestRamError::NotPresent(start));
+        }
+        drop(map);
+        let _guard = self.lock.write(start..end)?;
+        let map = self.map.load();
+        Ok(f(&map.mem))
+    }
+
     /// Reads a plain-data object at `addr` (see [`GuestRam::read`]).
     pub fn read_obj<T: ByteValued + Default>(&self, addr: u64) -> Result<T> {
         let mut value = T::default();

@@ -5,6 +5,8 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand, ValueEnum};
 
 use crate::host_check::{self, HostCheckError};
+#[cfg(target_arch = "x86_64")]
+use crate::run::{self, RunArgs, RunError};
 use crate::stress::{self, StressArgs, StressError};
 
 /// Errors of the CLI's commands.
@@ -13,6 +15,10 @@ pub enum CliError {
     /// `rangevm host-check` failed.
     #[error("Host check failed")]
     HostCheck(#[from] HostCheckError),
+    /// `rangevm run` failed.
+    #[cfg(target_arch = "x86_64")]
+    #[error("Cannot run the guest")]
+    Run(#[from] RunError),
     /// `rangevm stress` failed.
     #[error("Stress test failed")]
     Stress(#[from] StressError),
@@ -94,6 +100,12 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Boot a guest kernel (bzImage or ELF) with an initrd and run it, its serial
+    /// console on standard input/output. Exit status: 0 the guest powered off, 1 the
+    /// VMM failed, 2 bad command line, 3 guest reset, 4 triple fault, 5 guest panic,
+    /// 130/143 after SIGINT/SIGTERM (clean shutdown). `rangevm run --help` has more.
+    #[cfg(target_arch = "x86_64")]
+    Run(RunArgs),
     /// Report what this host offers rangevm: host page size, KVM (API version and
     /// the capabilities rangevm uses) and userfaultfd (needed for postcopy and the
     /// fault engine). Exits with status 1 if KVM is unusable.
@@ -114,6 +126,8 @@ enum Command {
 /// Runs the parsed command line.
 pub fn run(cli: Cli) -> Result<ExitCode, CliError> {
     match cli.command {
+        #[cfg(target_arch = "x86_64")]
+        Command::Run(args) => Ok(run::run(args)?),
         Command::Stress(args) => {
             stress::run(&args)?;
             Ok(ExitCode::SUCCESS)

@@ -5,5 +5,13 @@
 
 pub mod arch;
 pub mod cli;
+#[cfg(target_arch = "x86_64")]
+pub mod event_loop;
 pub mod host_check;
+#[cfg(target_arch = "x86_64")]
+pub mod machine;
+#[cfg(target_arch = "x86_64")]
+pub mod run;
 pub mod stress;
+#[cfg(target_arch = "x86_64")]
+pub mod vcpu;

@@ -84,7 +84,7 @@ pub struct StressArgs {
     pub json: bool,
 }
 
-fn parse_mode(s: &str) -> Result<LockMode, String> {
+pub(crate) fn parse_mode(s: &str) -> Result<LockMode, String> {
     s.parse()
         .map_err(|e: rangevm_memory::RangeLockError| e.to_string())
 }

@@ -1,9 +1,18 @@
 //! x86_64 on KVM.
 
+pub mod acpi;
+mod boot;
+mod cpuid;
+pub mod layout;
+pub mod mptable;
+mod regs;
+mod setup;
 mod vcpu;
 mod vm;
 
-pub use vcpu::{KvmVcpu, VcpuStop};
+pub use boot::EntryPoint;
+pub use setup::{configure_system, create_legacy_devices, LegacyDevices, SystemConfig};
+pub use vcpu::{IoHandler, KvmVcpu, VcpuStop};
 pub use vm::KvmVm;
 
 /// Errors of the x86_64 back end.
@@ -38,6 +47,45 @@ pub enum ArchError {
         #[source]
         source: kvm_ioctls::Error,
     },
+    /// The in-kernel interrupt controller, PIT or an irqfd could not be set up.
+    #[error("Cannot set up {what}")]
+    Irqchip {
+        /// What.
+        what: &'static str,
+        /// The cause.
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+    /// Setting a vCPU's start state failed.
+    #[error("Cannot set up the start state of vCPU {id}")]
+    Regs {
+        /// vCPU index.
+        id: u64,
+        /// The cause.
+        #[source]
+        source: regs::RegsError,
+    },
+    /// The ACPI tables could not be built.
+    #[error("Cannot build the ACPI tables")]
+    Acpi(#[from] acpi::AcpiError),
+    /// The MP table could not be built.
+    #[error("Cannot build the MP table")]
+    Mptable(#[from] mptable::MptableError),
+    /// The kernel could not be loaded.
+    #[error("Cannot load the guest kernel")]
+    Boot(#[from] boot::BootError),
+    /// A device could not be put on the bus.
+    #[error("Cannot place a device on the port bus")]
+    Bus(#[from] rangevm_devices::BusError),
+    /// The serial port could not be created.
+    #[error("Cannot create the serial port")]
+    Serial(#[from] rangevm_devices::SerialError),
+    /// The ACPI power-management device could not be created.
+    #[error("Cannot create the ACPI power-management device")]
+    AcpiPm(#[from] rangevm_devices::AcpiPmError),
+    /// An eventfd could not be created.
+    #[error("Cannot create an eventfd")]
+    EventFd(#[source] std::io::Error),
     /// KVM_RUN failed.
     #[error("KVM_RUN failed")]
     Run(#[source] kvm_ioctls::Error),

@@ -1,16 +1,40 @@
-//! An x86_64 vCPU: register setup and the run loop.
+//! An x86_64 vCPU: its start state and one step of the run loop.
 
 use kvm_ioctls::{VcpuExit, VcpuFd};
 
-use super::ArchError;
+use super::boot::EntryPoint;
+use super::vm::KvmVm;
+use super::{cpuid, regs, ArchError};
 
-/// Why a vCPU stopped running.
+/// Why a vCPU stopped running (rather than having an I/O access handled).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum VcpuStop {
-    /// The guest executed HLT.
+    /// The guest executed HLT (only seen without an in-kernel LAPIC).
     Halted,
-    /// The guest did something the VMM does not handle (yet): the exit, described.
+    /// A triple fault: the CPU shut down (KVM_EXIT_SHUTDOWN).
+    TripleFault,
+    /// The guest asked KVM for a reset (KVM_SYSTEM_EVENT_RESET).
+    ResetRequested,
+    /// The guest asked KVM to power off (KVM_SYSTEM_EVENT_SHUTDOWN).
+    PowerOffRequested,
+    /// The guest crashed (KVM_SYSTEM_EVENT_CRASH).
+    Crashed,
+    /// KVM_RUN was interrupted by a signal (a kick from the VMM).
+    Interrupted,
+    /// The guest did something the VMM does not handle: the exit, described.
     Unhandled(String),
+}
+
+/// Where a vCPU's port and MMIO accesses go.
+pub trait IoHandler {
+    /// An IN from `port`; unclaimed ports read as all ones.
+    fn pio_read(&self, port: u16, data: &mut [u8]);
+    /// An OUT to `port`.
+    fn pio_write(&self, port: u16, data: &[u8]);
+    /// A read of MMIO space at `addr`.
+    fn mmio_read(&self, addr: u64, data: &mut [u8]);
+    /// A write of MMIO space at `addr`.
+    fn mmio_write(&self, addr: u64, data: &[u8]);
 }
 
 /// A vCPU of a [`super::KvmVm`].
@@ -25,11 +49,81 @@ impl KvmVcpu {
         KvmVcpu { id, fd }
     }
 
+    /// The vCPU's index.
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+
+    fn kvm_err(&self) -> impl Fn(kvm_ioctls::Error) -> ArchError {
+        let id = self.id;
+        move |source| ArchError::Vcpu { id, source }
+    }
+
+    fn regs_err(&self, what: &'static str) -> impl Fn(kvm_ioctls::Error) -> ArchError {
+        let id = self.id;
+        move |source| ArchError::Regs {
+            id,
+            source: regs::RegsError::Kvm { what, source },
+        }
+    }
+
+    /// Sets the vCPU up as vCPU `self.id()` of `cpus` for booting at `entry`: CPUID,
+    /// MSRs, FPU, LAPIC LINT pins, and, for the boot vCPU (index 0), the registers of
+    /// the entry protocol. The others wait for the guest's INIT/SIPI.
+    pub fn configure(&mut self, vm: &KvmVm, entry: EntryPoint, cpus: u8) -> Result<(), ArchError> {
+        let index = u8::try_from(self.id).unwrap_or(u8::MAX);
+        let mut cpuid = vm.supported_cpuid()?;
+        cpuid::filter(&mut cpuid, index, cpus);
+        self.fd.set_cpuid2(&cpuid).map_err(self.regs_err("CPUID"))?;
+
+        let msrs = regs::boot_msrs().map_err(|source| ArchError::Regs {
+            id: self.id,
+            source,
+        })?;
+        let set = self.fd.set_msrs(&msrs).map_err(self.regs_err("MSRs"))?;
+        let wanted = msrs.as_slice().len();
+        if set != wanted {
+            return Err(ArchError::Regs {
+                id: self.id,
+                source: regs::RegsError::Msrs { set, wanted },
+            });
+        }
+        self.fd
+            .set_fpu(&regs::boot_fpu())
+            .map_err(self.regs_err("FPU state"))?;
+        let mut lapic = self.fd.get_lapic().map_err(self.regs_err("LAPIC"))?;
+        regs::set_lint(&mut lapic.regs);
+        self.fd.set_lapic(&lapic).map_err(self.regs_err("LAPIC"))?;
+        if self.id != 0 {
+            return Ok(());
+        }
+        let mut sregs = self
+            .fd
+            .get_sregs()
+            .map_err(self.regs_err("segment registers"))?;
+        let regs = match entry {
+            EntryPoint::Linux64 { entry } => {
+                regs::long_mode_sregs(&mut sregs);
+                regs::linux64_regs(entry)
+            }
+            EntryPoint::Pvh { entry } => {
+                regs::protected_mode_sregs(&mut sregs);
+                regs::pvh_regs(entry)
+            }
+        };
+        self.fd
+            .set_sregs(&sregs)
+            .map_err(self.regs_err("segment registers"))?;
+        self.fd
+            .set_regs(&regs)
+            .map_err(self.regs_err("general registers"))?;
+        Ok(())
+    }
+
     /// Puts the vCPU in real mode at `cs:ip = 0:entry` (flat segments from 0).
     pub fn setup_real_mode(&mut self, entry: u16) -> Result<(), ArchError> {
-        let id = self.id;
-        let err = |source| ArchError::Vcpu { id, source };
-        let mut sregs = self.fd.get_sregs().map_err(err)?;
+        let err = self.kvm_err();
+        let mut sregs = self.fd.get_sregs().map_err(&err)?;
         for seg in [
             &mut sregs.cs,
             &mut sregs.ds,
@@ -41,23 +135,91 @@ impl KvmVcpu {
             seg.base = 0;
             seg.selector = 0;
         }
-        self.fd.set_sregs(&sregs).map_err(err)?;
-        let mut regs = self.fd.get_regs().map_err(err)?;
+        self.fd.set_sregs(&sregs).map_err(&err)?;
+        let mut regs = self.fd.get_regs().map_err(&err)?;
         regs.rip = u64::from(entry);
         regs.rflags = 0x2;
         regs.rsp = 0;
-        self.fd.set_regs(&regs).map_err(err)?;
+        self.fd.set_regs(&regs).map_err(&err)?;
         Ok(())
     }
 
-    /// Runs until the guest halts or does something unhandled; port writes go to
-    /// `out(port, data)`.
-    pub fn run(&mut self, mut out: impl FnMut(u16, &[u8])) -> Result<VcpuStop, ArchError> {
+    /// Enters the guest once: returns `None` when the exit was an I/O access `io`
+    /// handled (run again), or why the vCPU stopped.
+    pub fn run_once(&mut self, io: &dyn IoHandler) -> Result<Option<VcpuStop>, ArchError> {
+        let exit = match self.fd.run() {
+            Ok(exit) => exit,
+            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
+                return Ok(Some(VcpuStop::Interrupted));
+            }
+            Err(e) => return Err(ArchError::Run(e)),
+        };
+        let stop = match exit {
+            VcpuExit::IoOut(port, data) => {
+                io.pio_write(port, data);
+                return Ok(None);
+            }
+            VcpuExit::IoIn(port, data) => {
+                io.pio_read(port, data);
+                return Ok(None);
+            }
+            VcpuExit::MmioRead(addr, data) => {
+                io.mmio_read(addr, data);
+                return Ok(None);
+            }
+            VcpuExit::MmioWrite(addr, data) => {
+                io.mmio_write(addr, data);
+                return Ok(None);
+            }
+            VcpuExit::Hlt => VcpuStop::Halted,
+            VcpuExit::Shutdown => VcpuStop::TripleFault,
+            VcpuExit::SystemEvent(kind, _) => match kind {
+                kvm_bindings::KVM_SYSTEM_EVENT_SHUTDOWN => VcpuStop::PowerOffRequested,
+                kvm_bindings::KVM_SYSTEM_EVENT_RESET => VcpuStop::ResetRequested,
+                kvm_bindings::KVM_SYSTEM_EVENT_CRASH => VcpuStop::Crashed,
+                other => VcpuStop::Unhandled(format!("KVM system event {other}")),
+            },
+            VcpuExit::InternalError => {
+                // SAFETY: for KVM_EXIT_INTERNAL_ERROR the kernel filled the `internal`
+                // member of the exit union, so reading it reads initialized data.
+                let suberror = unsafe { self.fd.get_kvm_run().__bindgen_anon_1.internal.suberror };
+                let what = match suberror {
+                    1 => " (instruction emulation failed: this host's KVM cannot run this guest code)",
+                    2 => " (a fault while delivering a simulated exception)",
+                    3 => " (an unknown exit while delivering an event)",
+                    _ => "",
+                };
+                VcpuStop::Unhandled(format!("KVM internal error, suberror {suberror}{what}"))
+            }
+            VcpuExit::FailEntry(reason, cpu) => VcpuStop::Unhandled(format!(
+                "KVM could not enter the guest (hardware entry failure reason {reason:#x} on host CPU {cpu})"
+            )),
+            VcpuExit::Intr => VcpuStop::Interrupted,
+            other => VcpuStop::Unhandled(format!("unexpected exit {other:?}")),
+        };
+        Ok(Some(stop))
+    }
+
+    /// Runs until the guest halts or stops; port writes go to `out(port, data)`, port
+    /// reads see all ones. For the bare real-mode tests, without devices.
+    pub fn run(&mut self, out: impl FnMut(u16, &[u8])) -> Result<VcpuStop, ArchError> {
+        struct Out<F>(std::cell::RefCell<F>);
+        impl<F: FnMut(u16, &[u8])> IoHandler for Out<F> {
+            fn pio_read(&self, _: u16, data: &mut [u8]) {
+                data.fill(0xff);
+            }
+            fn pio_write(&self, port: u16, data: &[u8]) {
+                (self.0.borrow_mut())(port, data);
+            }
+            fn mmio_read(&self, _: u64, data: &mut [u8]) {
+                data.fill(0xff);
+            }
+            fn mmio_write(&self, _: u64, _: &[u8]) {}
+        }
+        let io = Out(std::cell::RefCell::new(out));
         loop {
-            match self.fd.run().map_err(ArchError::Run)? {
-                VcpuExit::IoOut(port, data) => out(port, data),
-                VcpuExit::Hlt => return Ok(VcpuStop::Halted),
-                other => return Ok(VcpuStop::Unhandled(format!("{other:?}"))),
+            if let Some(stop) = self.run_once(&io)? {
+                return Ok(stop);
             }
         }
     }

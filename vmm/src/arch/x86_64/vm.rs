@@ -2,11 +2,18 @@
 
 use std::sync::Arc;
 
-use kvm_bindings::kvm_userspace_memory_region;
+use kvm_bindings::{
+    kvm_pit_config, kvm_userspace_memory_region, CpuId, KVM_MAX_CPUID_ENTRIES,
+    KVM_PIT_SPEAKER_DUMMY,
+};
 use kvm_ioctls::{Kvm, VmFd};
 use rangevm_memory::GuestRam;
+use vmm_sys_util::eventfd::EventFd;
 
 use super::{ArchError, KvmVcpu};
+
+/// Where KVM's TSS for real-mode emulation goes (unused guest-physical space).
+const TSS_ADDRESS: usize = 0xfffb_d000;
 
 /// A VM: the KVM file descriptors and the guest RAM they map.
 #[derive(Debug)]
@@ -51,6 +58,46 @@ impl KvmVm {
     /// Guest RAM.
     pub fn ram(&self) -> &Arc<GuestRam> {
         &self.ram
+    }
+
+    /// Creates the in-kernel interrupt controllers (PIC, IOAPIC, one LAPIC per vCPU)
+    /// and the in-kernel PIT. Before any vCPU is created.
+    pub fn create_irqchip(&self) -> Result<(), ArchError> {
+        let err = |what| move |source| ArchError::Irqchip { what, source };
+        // The TSS KVM needs for real-mode emulation on Intel: three pages just below
+        // the BIOS area at the top of the 32-bit space, inside the MMIO hole.
+        self.vm
+            .set_tss_address(TSS_ADDRESS)
+            .map_err(err("the TSS address"))?;
+        self.vm
+            .create_irq_chip()
+            .map_err(err("the interrupt controller"))?;
+        let pit = kvm_pit_config {
+            flags: KVM_PIT_SPEAKER_DUMMY,
+            ..Default::default()
+        };
+        self.vm.create_pit2(pit).map_err(err("the PIT"))?;
+        Ok(())
+    }
+
+    /// Makes a write to `evt` raise interrupt `gsi`.
+    pub fn register_irqfd(&self, evt: &EventFd, gsi: u32) -> Result<(), ArchError> {
+        self.vm
+            .register_irqfd(evt, gsi)
+            .map_err(|source| ArchError::Irqchip {
+                what: "an interrupt eventfd",
+                source,
+            })
+    }
+
+    /// The CPUID entries KVM supports on this host.
+    pub fn supported_cpuid(&self) -> Result<CpuId, ArchError> {
+        self._kvm
+            .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+            .map_err(|source| ArchError::Irqchip {
+                what: "the supported CPUID",
+                source,
+            })
     }
 
     /// Creates vCPU `id`.

@@ -1,0 +1,247 @@
+//! A machine: guest RAM, the KVM VM, its devices and vCPU threads, put together from a
+//! [`MachineConfig`] and taken apart again.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use rangevm_devices::{Bus, GuestRequests, GuestRequestsError, Serial};
+use rangevm_memory::{host_page_size, GuestRam, GuestRamError, LockMode};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use crate::arch::{self, layout, ArchError, IoHandler, KvmVm, SystemConfig};
+use crate::vcpu::{VcpuEnv, VcpuError, VcpuExitReason, VcpuHandle};
+
+/// The smallest guest memory the machine accepts: the boot structures live below 1 MiB
+/// and the kernel is loaded at 1 MiB.
+pub const MIN_MEMORY: u64 = 2 << 20;
+/// Most vCPUs (8-bit APIC IDs, one of them the IOAPIC's).
+pub const MAX_CPUS: u8 = 254;
+/// How long a vCPU may take to answer a request before it is called stuck.
+const VCPU_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Errors of building a machine.
+#[derive(Debug, thiserror::Error)]
+pub enum MachineError {
+    /// Guest memory is too small.
+    #[error("Guest memory of {0} bytes is too small: the machine needs at least {MIN_MEMORY} bytes (2M)")]
+    MemoryTooSmall(u64),
+    /// Guest memory is not a whole number of host pages.
+    #[error("Guest memory of {size} bytes is not a multiple of the host page size ({page} bytes)")]
+    MemoryUnaligned {
+        /// The size asked for.
+        size: u64,
+        /// The host page size.
+        page: u64,
+    },
+    /// The vCPU count is out of range.
+    #[error("{0} vCPUs asked for: the machine takes 1 to {MAX_CPUS}")]
+    Cpus(u32),
+    /// Guest memory could not be created.
+    #[error("Cannot create guest memory")]
+    Memory(#[source] GuestRamError),
+    /// The KVM side failed.
+    #[error("Cannot set up the virtual machine")]
+    Arch(#[from] ArchError),
+    /// The guest request signal could not be created.
+    #[error("Cannot create the guest request signal")]
+    Requests(#[from] GuestRequestsError),
+    /// An eventfd could not be created.
+    #[error("Cannot create an eventfd")]
+    EventFd(#[source] std::io::Error),
+    /// A vCPU thread failed.
+    #[error("vCPU thread failed")]
+    Vcpu(#[from] VcpuError),
+}
+
+/// What to build.
+pub struct MachineConfig {
+    /// The kernel image.
+    pub kernel: PathBuf,
+    /// The initrd.
+    pub initrd: Option<PathBuf>,
+    /// The kernel command line.
+    pub cmdline: String,
+    /// Guest memory in bytes.
+    pub memory: u64,
+    /// vCPUs.
+    pub cpus: u32,
+    /// Range lock or one global lock over guest memory.
+    pub mem_lock: LockMode,
+    /// Where the guest's serial console goes.
+    pub serial_out: Box<dyn Write + Send>,
+}
+
+impl std::fmt::Debug for MachineConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MachineConfig")
+            .field("kernel", &self.kernel)
+            .field("initrd", &self.initrd)
+            .field("cmdline", &self.cmdline)
+            .field("memory", &self.memory)
+            .field("cpus", &self.cpus)
+            .field("mem_lock", &self.mem_lock)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Port and MMIO dispatch for the vCPUs.
+#[derive(Debug)]
+pub struct MachineIo {
+    pio: Bus,
+    mmio: Bus,
+}
+
+impl IoHandler for MachineIo {
+    fn pio_read(&self, port: u16, data: &mut [u8]) {
+        if !self.pio.read(u64::from(port), data) {
+            data.fill(0xff);
+        }
+    }
+    fn pio_write(&self, port: u16, data: &[u8]) {
+        self.pio.write(u64::from(port), data);
+    }
+    fn mmio_read(&self, addr: u64, data: &mut [u8]) {
+        if !self.mmio.read(addr, data) {
+            data.fill(0xff);
+        }
+    }
+    fn mmio_write(&self, addr: u64, data: &[u8]) {
+        self.mmio.write(addr, data);
+    }
+}
+
+/// A built, running machine.
+#[derive(Debug)]
+pub struct Machine {
+    vcpus: Vec<VcpuHandle>,
+    serial: Arc<Mutex<Serial>>,
+    requests: Arc<GuestRequests>,
+    vcpu_exited: Arc<EventFd>,
+    vm: KvmVm,
+}
+
+impl Machine {
+    /// Checks the configuration, builds guest memory, the VM, its devices and vCPUs,
+    /// loads the kernel, and starts the vCPUs.
+    pub fn start(cfg: MachineConfig) -> Result<Self, MachineError> {
+        let cpus = u8::try_from(cfg.cpus)
+            .ok()
+            .filter(|c| (1..=MAX_CPUS).contains(c))
+            .ok_or(MachineError::Cpus(cfg.cpus))?;
+        if cfg.memory < MIN_MEMORY {
+            return Err(MachineError::MemoryTooSmall(cfg.memory));
+        }
+        let page = host_page_size();
+        if cfg.memory % page != 0 {
+            return Err(MachineError::MemoryUnaligned {
+                size: cfg.memory,
+                page,
+            });
+        }
+        let ram = Arc::new(
+            GuestRam::new(cfg.mem_lock, &layout::ram_regions(cfg.memory))
+                .map_err(MachineError::Memory)?,
+        );
+        let vm = KvmVm::new(Arc::clone(&ram))?;
+        vm.create_irqchip()?;
+        let requests = Arc::new(GuestRequests::new()?);
+        let devices = arch::create_legacy_devices(&vm, &requests, cfg.serial_out)?;
+        let entry = arch::configure_system(
+            &ram,
+            &SystemConfig {
+                kernel: &cfg.kernel,
+                initrd: cfg.initrd.as_deref(),
+                cmdline: &cfg.cmdline,
+                cpus,
+            },
+        )?;
+        log::info!(
+            "Loaded {} ({entry:?}); {} MiB of guest memory, {cpus} vCPU(s), {:?} lock",
+            cfg.kernel.display(),
+            cfg.memory >> 20,
+            cfg.mem_lock
+        );
+        let mut vcpus = Vec::with_capacity(usize::from(cpus));
+        for id in 0..u64::from(cpus) {
+            let mut vcpu = vm.create_vcpu(id)?;
+            vcpu.configure(&vm, entry, cpus)?;
+            vcpus.push(vcpu);
+        }
+        let io = Arc::new(MachineIo {
+            pio: devices.pio,
+            mmio: Bus::new(),
+        });
+        let vcpu_exited = Arc::new(EventFd::new(EFD_NONBLOCK).map_err(MachineError::EventFd)?);
+        let mut machine = Machine {
+            vcpus: Vec::new(),
+            serial: devices.serial,
+            requests,
+            vcpu_exited,
+            vm,
+        };
+        for vcpu in vcpus {
+            let env = VcpuEnv {
+                io: Arc::clone(&io),
+                requests: Arc::clone(&machine.requests),
+                exited: Arc::clone(&machine.vcpu_exited),
+            };
+            // On failure `machine` is dropped, which stops the vCPUs already started.
+            machine.vcpus.push(VcpuHandle::spawn(vcpu, env)?);
+        }
+        Ok(machine)
+    }
+
+    /// The serial port (the event loop feeds it input).
+    pub fn serial(&self) -> &Arc<Mutex<Serial>> {
+        &self.serial
+    }
+
+    /// What the guest's devices recorded.
+    pub fn requests(&self) -> &Arc<GuestRequests> {
+        &self.requests
+    }
+
+    /// Written whenever a vCPU exits by itself.
+    pub fn vcpu_exited(&self) -> &Arc<EventFd> {
+        &self.vcpu_exited
+    }
+
+    /// Guest RAM.
+    pub fn ram(&self) -> &Arc<GuestRam> {
+        self.vm.ram()
+    }
+
+    /// The first reason a vCPU gave for exiting by itself, if any has.
+    pub fn vcpu_exit(&mut self) -> Option<VcpuExitReason> {
+        self.vcpus.iter_mut().find_map(|v| {
+            v.poll_exit()
+                .filter(|r| **r != VcpuExitReason::Finished)
+                .cloned()
+        })
+    }
+
+    /// Stops every vCPU and joins its thread; returns the reasons they gave, in vCPU
+    /// order. Idempotent.
+    pub fn stop(&mut self) -> Vec<VcpuExitReason> {
+        let mut reasons = Vec::with_capacity(self.vcpus.len());
+        for vcpu in &mut self.vcpus {
+            match vcpu.finish(VCPU_TIMEOUT) {
+                Ok(reason) => reasons.push(reason),
+                Err(e) => {
+                    log::error!("vCPU {}: {e}", vcpu.id());
+                    reasons.push(VcpuExitReason::Failed(e.to_string()));
+                }
+            }
+        }
+        self.vcpus.clear();
+        reasons
+    }
+}
+
+impl Drop for Machine {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
