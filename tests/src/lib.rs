@@ -9,6 +9,8 @@
 //!   machine's own KVM cannot run.
 //! - [`run_qemu`] boots a kernel under QEMU TCG and returns its serial console.
 
+pub mod tiny;
+
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};

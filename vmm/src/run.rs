@@ -101,7 +101,8 @@ pub struct RunArgs {
     #[arg(long, value_name = "SIZE", default_value = "512M", value_parser = parse_size)]
     pub memory: u64,
     /// Number of vCPUs (1 to 254).
-    #[arg(long, value_name = "N", default_value_t = 1)]
+    #[arg(long, value_name = "N", default_value_t = 1,
+          value_parser = clap::value_parser!(u32).range(1..=u32::from(crate::machine::MAX_CPUS) as i64))]
     pub cpus: u32,
     /// How guest memory is locked: `range` locks only the guest-physical range each
     /// operation touches; `global` uses one lock for all of it (the baseline).

@@ -1,0 +1,1138 @@
+//! Tiny x86 test guests: hand-assembled ELF kernels that `rangevm run --kernel FILE`
+//! boots, and that run in milliseconds even where KVM emulates every instruction.
+//!
+//! A guest is a straight list of steps followed by one exit:
+//!
+//! ```
+//! use rangevm_tests::tiny::{Exit, Mode, TinyGuest};
+//!
+//! let elf = TinyGuest::new(Mode::Long)
+//!     .marker(b'!')
+//!     .print("hello\n")
+//!     .touch_pages(0x20_0000, 16, 0x1000)
+//!     .check_pages(0x20_0000, 16, 0x1000)
+//!     .exit(Exit::PowerOff)
+//!     .build();
+//! assert_eq!(&elf[..4], b"\x7fELF");
+//! ```
+//!
+//! Both flavours are ELF64 files (`EM_X86_64`, `ET_EXEC`) with one `PT_LOAD` segment at
+//! physical and virtual [`LOAD_ADDR`] (1 MiB), entered at `e_entry` = [`LOAD_ADDR`]:
+//!
+//! - [`Mode::Long`] has no PVH note; the VMM enters it in 64-bit mode with the first
+//!   4 GiB identity-mapped. A guest that touches memory above 4 GiB carries its own
+//!   identity page tables (2 MiB pages) and loads them into CR3 first.
+//! - [`Mode::Pvh`] also has a `PT_NOTE` segment holding the Xen note
+//!   `XEN_ELFNOTE_PHYS32_ENTRY` (type 18, name `"Xen\0"`, a 4-byte entry address), so the
+//!   VMM enters it in 32-bit protected mode with paging off. It is ELF64, like a
+//!   vmlinux with a PVH entry, because linux-loader's ELF loader reads only ELF64
+//!   headers (an ELF32 file fails its program-header size check).
+//!
+//! The code uses no stack (the PVH entry state defines none) and no interrupts; it
+//! writes only the pages the steps name. Guest memory addresses are guest-physical.
+
+use std::path::Path;
+
+/// Where the guest image is loaded, and where it starts running (1 MiB).
+pub const LOAD_ADDR: u64 = 0x10_0000;
+/// COM1's data port.
+pub const COM1: u16 = 0x3f8;
+/// COM1's line status register; bit 5 set = the transmit holding register is empty.
+pub const COM1_LSR: u16 = COM1 + 5;
+/// The ACPI sleep control register (hardware-reduced ACPI).
+pub const ACPI_SLEEP_CONTROL: u16 = 0x600;
+/// The value that powers off: `SLP_EN | (_S5_ sleep type 5 << 2)`.
+pub const ACPI_POWER_OFF: u8 = 0x34;
+/// The ACPI reset register (FADT `RESET_REG`).
+pub const ACPI_RESET_REGISTER: u16 = 0x602;
+/// The value written to the ACPI reset register.
+pub const ACPI_RESET_VALUE: u8 = 0x01;
+/// The i8042 command port.
+pub const I8042_COMMAND: u16 = 0x64;
+/// The i8042 command that pulses the CPU reset line.
+pub const I8042_RESET: u8 = 0xfe;
+/// The pvpanic port.
+pub const PVPANIC: u16 = 0x505;
+/// What a passing [`TinyGuest::check_pages`] prints.
+pub const PATTERN_OK: &str = "PATTERN-OK\n";
+/// What a failing [`TinyGuest::check_pages`] prints.
+pub const PATTERN_BAD: &str = "PATTERN-BAD\n";
+/// The seed of the memory pattern unless [`TinyGuest::seed`] sets another.
+pub const DEFAULT_SEED: u64 = 0x5eed_c0de_0bad_f00d;
+
+const LSR_THR_EMPTY: u8 = 0x20;
+const GIB: u64 = 1 << 30;
+const PAGE: u64 = 0x1000;
+/// Where the image starts in the ELF file.
+const IMAGE_OFFSET: u64 = 0x1000;
+const EHDR_SIZE: u16 = 64;
+const PHDR_SIZE: u16 = 56;
+/// `XEN_ELFNOTE_PHYS32_ENTRY`.
+const XEN_ELFNOTE_PHYS32_ENTRY: u32 = 18;
+/// One page directory pointer table maps at most this much.
+const MAX_LONG_ADDR: u64 = 512 * GIB;
+
+/// The first qword a pattern step writes into the page at `addr`: `addr ^ seed`.
+pub fn pattern(addr: u64, seed: u64) -> u64 {
+    addr ^ seed
+}
+
+/// The CPU mode the guest is entered in, which also picks the ELF flavour.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// 64-bit long mode, identity paging (no PVH note).
+    Long,
+    /// 32-bit protected mode, paging off (PVH note).
+    Pvh,
+}
+
+/// How the guest ends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Exit {
+    /// Writes [`ACPI_POWER_OFF`] to the ACPI sleep control register.
+    PowerOff,
+    /// Writes [`I8042_RESET`] to the i8042 command port.
+    Reset,
+    /// Writes [`ACPI_RESET_VALUE`] to the ACPI reset register.
+    AcpiReset,
+    /// Loads an IDT of limit 0 and executes `ud2`: #UD, #GP, double fault, shutdown.
+    TripleFault,
+    /// Writes 1 (guest panicked) to the pvpanic port.
+    Panic,
+    /// `cli; hlt` forever: the guest only ends when the VMM is told to stop it.
+    Hang,
+}
+
+impl Exit {
+    /// The exit status `rangevm run` documents for this exit (none for [`Exit::Hang`]).
+    pub fn expected_status(self) -> Option<i32> {
+        match self {
+            Exit::PowerOff => Some(0),
+            Exit::Reset | Exit::AcpiReset => Some(3),
+            Exit::TripleFault => Some(4),
+            Exit::Panic => Some(5),
+            Exit::Hang => None,
+        }
+    }
+}
+
+/// A run of pages: the first qword at `start`, `start + stride`, ... (`count` of them).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Pages {
+    start: u64,
+    count: u64,
+    stride: u64,
+}
+
+impl Pages {
+    /// One past the last byte written.
+    fn end(&self) -> u64 {
+        self.start + (self.count - 1) * self.stride + 8
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Step {
+    Out { port: u16, value: u8 },
+    Print(Vec<u8>),
+    Touch(Pages),
+    Check(Pages),
+}
+
+/// A tiny guest program: steps, then an exit. See the module documentation.
+#[derive(Debug, Clone)]
+pub struct TinyGuest {
+    mode: Mode,
+    seed: u64,
+    steps: Vec<Step>,
+    exit: Exit,
+}
+
+impl TinyGuest {
+    /// An empty program for `mode` that hangs (until [`TinyGuest::exit`] says otherwise).
+    pub fn new(mode: Mode) -> Self {
+        TinyGuest {
+            mode,
+            seed: DEFAULT_SEED,
+            steps: Vec::new(),
+            exit: Exit::Hang,
+        }
+    }
+
+    /// The mode the guest runs in.
+    pub fn mode(&self) -> Mode {
+        self.mode
+    }
+
+    /// Writes one byte to COM1 without waiting for the UART: as the first step, this is
+    /// the guest's first port access (three instructions after entry), for timing
+    /// process start to first guest instruction.
+    pub fn marker(self, byte: u8) -> Self {
+        self.out(COM1, byte)
+    }
+
+    /// Writes `value` to I/O port `port`.
+    pub fn out(mut self, port: u16, value: u8) -> Self {
+        self.steps.push(Step::Out { port, value });
+        self
+    }
+
+    /// Prints `text` on COM1, waiting for LSR bit 5 (transmitter empty) before each
+    /// byte.
+    pub fn print(mut self, text: &str) -> Self {
+        if !text.is_empty() {
+            self.steps.push(Step::Print(text.as_bytes().to_vec()));
+        }
+        self
+    }
+
+    /// Sets the seed of the memory pattern of every touch and check step.
+    pub fn seed(mut self, seed: u64) -> Self {
+        self.seed = seed;
+        self
+    }
+
+    /// Writes [`pattern`]`(addr, seed)` to the first qword of each of `count` pages:
+    /// `addr = start, start + stride, ...`.
+    ///
+    /// # Panics
+    /// If `count` is 0, `start` or `stride` is not a multiple of 8, `stride` is 0, or
+    /// the pages reach beyond 4 GiB in PVH mode (paging off) or 512 GiB in long mode.
+    /// [`TinyGuest::build`] panics if they overlap the guest's own image.
+    pub fn touch_pages(mut self, start: u64, count: u64, stride: u64) -> Self {
+        let pages = self.pages(start, count, stride);
+        self.steps.push(Step::Touch(pages));
+        self
+    }
+
+    /// Reads the pages [`TinyGuest::touch_pages`] with the same arguments wrote and
+    /// prints [`PATTERN_OK`] if all hold the pattern, else [`PATTERN_BAD`].
+    ///
+    /// # Panics
+    /// As [`TinyGuest::touch_pages`].
+    pub fn check_pages(mut self, start: u64, count: u64, stride: u64) -> Self {
+        let pages = self.pages(start, count, stride);
+        self.steps.push(Step::Check(pages));
+        self
+    }
+
+    /// Sets how the guest ends once its steps are done.
+    pub fn exit(mut self, exit: Exit) -> Self {
+        self.exit = exit;
+        self
+    }
+
+    fn pages(&self, start: u64, count: u64, stride: u64) -> Pages {
+        assert!(count > 0, "a pattern needs at least one page");
+        assert!(
+            start % 8 == 0 && stride % 8 == 0 && stride > 0,
+            "pattern start {start:#x} and stride {stride:#x} must be non-zero multiples of 8"
+        );
+        let limit = match self.mode {
+            Mode::Pvh => 1 << 32,
+            Mode::Long => MAX_LONG_ADDR,
+        };
+        let end = (count - 1)
+            .checked_mul(stride)
+            .and_then(|span| span.checked_add(start))
+            .and_then(|last| last.checked_add(8));
+        assert!(
+            end.is_some_and(|end| end <= limit),
+            "pattern of {count} pages from {start:#x} every {stride:#x} goes beyond {limit:#x}, \
+             the most {:?} mode reaches",
+            self.mode
+        );
+        Pages {
+            start,
+            count,
+            stride,
+        }
+    }
+
+    /// The ELF file.
+    ///
+    /// # Panics
+    /// If a pattern step overlaps the guest's image.
+    pub fn build(&self) -> Vec<u8> {
+        let image = self.image();
+        let image_end = LOAD_ADDR + len_u64(&image);
+        for step in &self.steps {
+            if let Step::Touch(p) | Step::Check(p) = step {
+                assert!(
+                    p.end() <= LOAD_ADDR || p.start >= image_end,
+                    "the pattern {:#x}..{:#x} overlaps the guest image {LOAD_ADDR:#x}..{image_end:#x}",
+                    p.start,
+                    p.end()
+                );
+            }
+        }
+        elf(&image, self.mode == Mode::Pvh)
+    }
+
+    /// Writes the ELF file to `path`.
+    pub fn write_to(&self, path: impl AsRef<Path>) -> std::io::Result<()> {
+        std::fs::write(path, self.build())
+    }
+
+    /// The loaded image: code, then data (strings, the null IDT descriptor), then, if
+    /// needed, page tables on a page boundary.
+    fn image(&self) -> Vec<u8> {
+        let mut asm = Asm::new(self.mode == Mode::Long);
+        let mut data = Data::default();
+        let ok = data.add(PATTERN_OK.as_bytes());
+        let bad = data.add(PATTERN_BAD.as_bytes());
+        let gib_mapped = self.gib_to_map();
+        let mut own_paging = false;
+        for step in &self.steps {
+            match step {
+                Step::Out { port, value } => asm.out_port(*port, *value),
+                Step::Print(text) => {
+                    let at = data.add(text);
+                    asm.print(Target::Data(at), text.len());
+                }
+                Step::Touch(pages) | Step::Check(pages) => {
+                    if gib_mapped.is_some() && !own_paging {
+                        asm.mov_r32_abs(Reg::Ax, Target::PageTables);
+                        asm.mov_cr3(Reg::Ax);
+                        own_paging = true;
+                    }
+                    asm.pattern_setup(pages, self.seed);
+                    if matches!(step, Step::Touch(_)) {
+                        asm.pattern_write(self.seed);
+                    } else {
+                        asm.pattern_check(
+                            self.seed,
+                            (ok, PATTERN_OK.len()),
+                            (bad, PATTERN_BAD.len()),
+                        );
+                    }
+                }
+            }
+        }
+        match self.exit {
+            Exit::PowerOff => asm.out_port(ACPI_SLEEP_CONTROL, ACPI_POWER_OFF),
+            Exit::Reset => asm.out_port(I8042_COMMAND, I8042_RESET),
+            Exit::AcpiReset => asm.out_port(ACPI_RESET_REGISTER, ACPI_RESET_VALUE),
+            Exit::Panic => asm.out_port(PVPANIC, 1),
+            Exit::TripleFault => {
+                // A 10-byte descriptor (limit 0, base 0); 32-bit lidt reads 6 of them.
+                let idt = data.add(&[0; 10]);
+                asm.lidt(Target::Data(idt));
+                asm.ud2();
+            }
+            Exit::Hang => {}
+        }
+        // Every exit ends here, so a VMM that lets the guest go on finds it parked
+        // rather than running into the data.
+        asm.park();
+        asm.link(&data.bytes, gib_mapped)
+    }
+
+    /// How many GiB the guest's own page tables map: `None` if the VMM's 4 GiB do.
+    fn gib_to_map(&self) -> Option<u64> {
+        if self.mode != Mode::Long {
+            return None;
+        }
+        let end = self
+            .steps
+            .iter()
+            .filter_map(|s| match s {
+                Step::Touch(p) | Step::Check(p) => Some(p.end()),
+                _ => None,
+            })
+            .max()?;
+        (end > 4 * GIB).then(|| end.div_ceil(GIB))
+    }
+}
+
+fn len_u64(bytes: &[u8]) -> u64 {
+    u64::try_from(bytes.len()).expect("a length fits in u64")
+}
+
+fn u32_of(value: u64, what: &str) -> u32 {
+    u32::try_from(value).unwrap_or_else(|_| panic!("{what} {value:#x} does not fit in 32 bits"))
+}
+
+/// Identity page tables for the first `gib` GiB, to be placed at `at`: PML4, PDPT, then
+/// one page directory of 2 MiB pages per GiB.
+fn page_tables(at: u64, gib: u64) -> Vec<u8> {
+    const PRESENT_RW: u64 = 0x3;
+    const PAGE_SIZE_2M: u64 = 0x80;
+    let pdpt = at + PAGE;
+    let mut t = Vec::new();
+    let mut entry = |v: u64| t.extend_from_slice(&v.to_le_bytes());
+    entry(pdpt | PRESENT_RW);
+    (1..512).for_each(|_| entry(0));
+    for i in 0..512 {
+        entry(if i < gib {
+            (pdpt + PAGE * (i + 1)) | PRESENT_RW
+        } else {
+            0
+        });
+    }
+    for i in 0..gib {
+        for j in 0..512 {
+            entry(((i << 30) | (j << 21)) | PAGE_SIZE_2M | PRESENT_RW);
+        }
+    }
+    t
+}
+
+/// The ELF64 file around `image`; with `pvh`, a PT_NOTE segment with the PVH entry.
+fn elf(image: &[u8], pvh: bool) -> Vec<u8> {
+    let phnum: u16 = if pvh { 2 } else { 1 };
+    let note_offset = u64::from(EHDR_SIZE) + u64::from(PHDR_SIZE) * u64::from(phnum);
+    let mut note = Vec::new();
+    note.extend_from_slice(&4u32.to_le_bytes()); // n_namesz: "Xen\0"
+    note.extend_from_slice(&4u32.to_le_bytes()); // n_descsz: a 32-bit address
+    note.extend_from_slice(&XEN_ELFNOTE_PHYS32_ENTRY.to_le_bytes());
+    note.extend_from_slice(b"Xen\0");
+    note.extend_from_slice(&u32_of(LOAD_ADDR, "the PVH entry").to_le_bytes());
+
+    let mut f = Vec::new();
+    // e_ident: magic, ELFCLASS64, ELFDATA2LSB, EV_CURRENT, ELFOSABI_NONE, padding.
+    f.extend_from_slice(b"\x7fELF\x02\x01\x01\x00");
+    f.extend_from_slice(&[0; 8]);
+    f.extend_from_slice(&2u16.to_le_bytes()); // e_type: ET_EXEC
+    f.extend_from_slice(&62u16.to_le_bytes()); // e_machine: EM_X86_64
+    f.extend_from_slice(&1u32.to_le_bytes()); // e_version
+    f.extend_from_slice(&LOAD_ADDR.to_le_bytes()); // e_entry
+    f.extend_from_slice(&u64::from(EHDR_SIZE).to_le_bytes()); // e_phoff
+    f.extend_from_slice(&0u64.to_le_bytes()); // e_shoff
+    f.extend_from_slice(&0u32.to_le_bytes()); // e_flags
+    f.extend_from_slice(&EHDR_SIZE.to_le_bytes());
+    f.extend_from_slice(&PHDR_SIZE.to_le_bytes());
+    f.extend_from_slice(&phnum.to_le_bytes());
+    f.extend_from_slice(&64u16.to_le_bytes()); // e_shentsize
+    f.extend_from_slice(&0u16.to_le_bytes()); // e_shnum
+    f.extend_from_slice(&0u16.to_le_bytes()); // e_shstrndx
+    let size = len_u64(image);
+    // PT_LOAD, RWX.
+    phdr(&mut f, 1, 7, IMAGE_OFFSET, LOAD_ADDR, size, PAGE);
+    if pvh {
+        // PT_NOTE, R.
+        phdr(&mut f, 4, 4, note_offset, 0, len_u64(&note), 4);
+        f.extend_from_slice(&note);
+    }
+    assert!(len_u64(&f) <= IMAGE_OFFSET);
+    f.resize(
+        usize::try_from(IMAGE_OFFSET).expect("4 KiB fits in usize"),
+        0,
+    );
+    f.extend_from_slice(image);
+    f
+}
+
+fn phdr(f: &mut Vec<u8>, p_type: u32, flags: u32, offset: u64, addr: u64, size: u64, align: u64) {
+    f.extend_from_slice(&p_type.to_le_bytes());
+    f.extend_from_slice(&flags.to_le_bytes());
+    f.extend_from_slice(&offset.to_le_bytes());
+    f.extend_from_slice(&addr.to_le_bytes()); // p_vaddr
+    f.extend_from_slice(&addr.to_le_bytes()); // p_paddr
+    f.extend_from_slice(&size.to_le_bytes()); // p_filesz
+    f.extend_from_slice(&size.to_le_bytes()); // p_memsz
+    f.extend_from_slice(&align.to_le_bytes());
+}
+
+/// The data that follows the code.
+#[derive(Debug, Default)]
+struct Data {
+    bytes: Vec<u8>,
+}
+
+impl Data {
+    /// Appends `bytes`, returning their offset in the data.
+    fn add(&mut self, bytes: &[u8]) -> usize {
+        let at = self.bytes.len();
+        self.bytes.extend_from_slice(bytes);
+        at
+    }
+}
+
+/// What an absolute 32-bit address field points at.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Target {
+    /// This offset in the data.
+    Data(usize),
+    /// The PML4 of the guest's own page tables.
+    PageTables,
+}
+
+/// The general registers the code uses (their encoding numbers; no REX.R/REX.B ones).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Reg {
+    Ax = 0,
+    Cx = 1,
+    Bx = 3,
+    Si = 6,
+    Di = 7,
+}
+
+/// `op r/m, reg` instructions (opcode of the `r/m, reg` form).
+#[derive(Debug, Clone, Copy)]
+enum Alu {
+    Add = 0x01,
+    Xor = 0x31,
+    Cmp = 0x39,
+    Mov = 0x89,
+}
+
+/// Branch conditions (the low nibble of `Jcc`).
+#[derive(Debug, Clone, Copy)]
+enum Cond {
+    Zero = 0x4,
+    NotZero = 0x5,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Label(usize);
+
+fn modrm(md: u8, reg: u8, rm: u8) -> u8 {
+    (md << 6) | (reg << 3) | rm
+}
+
+/// A tiny x86 assembler: 32-bit protected-mode code, or 64-bit code with `long`, where
+/// "word" instructions ([`Asm::alu`], [`Asm::alu_mem`], [`Asm::dec`]) take 64-bit
+/// operands.
+#[derive(Debug)]
+struct Asm {
+    long: bool,
+    code: Vec<u8>,
+    labels: Vec<Option<usize>>,
+    /// rel32 fields to patch: (offset of the field, label).
+    rel: Vec<(usize, Label)>,
+    /// abs32 fields to patch: (offset of the field, what it points at).
+    abs: Vec<(usize, Target)>,
+}
+
+impl Asm {
+    fn new(long: bool) -> Self {
+        Asm {
+            long,
+            code: Vec::new(),
+            labels: Vec::new(),
+            rel: Vec::new(),
+            abs: Vec::new(),
+        }
+    }
+
+    fn emit(&mut self, bytes: &[u8]) {
+        self.code.extend_from_slice(bytes);
+    }
+
+    fn rex_w(&mut self) {
+        if self.long {
+            self.emit(&[0x48]);
+        }
+    }
+
+    fn label(&mut self) -> Label {
+        self.labels.push(None);
+        Label(self.labels.len() - 1)
+    }
+
+    fn bind(&mut self, l: Label) {
+        self.labels[l.0] = Some(self.code.len());
+    }
+
+    // ---- Instructions ----
+
+    /// `mov r32, imm32` (zero-extends to 64 bits in long mode).
+    fn mov_r32(&mut self, r: Reg, imm: u32) {
+        self.emit(&[0xb8 + r as u8]);
+        self.emit(&imm.to_le_bytes());
+    }
+
+    /// `mov r64, imm64` (long mode only).
+    fn mov_r64(&mut self, r: Reg, imm: u64) {
+        assert!(self.long, "mov r64, imm64 exists only in long mode");
+        self.emit(&[0x48, 0xb8 + r as u8]);
+        self.emit(&imm.to_le_bytes());
+    }
+
+    /// `mov r32, imm32` with the address of `t`.
+    fn mov_r32_abs(&mut self, r: Reg, t: Target) {
+        self.mov_r32(r, 0);
+        self.abs.push((self.code.len() - 4, t));
+    }
+
+    /// `mov dx, imm16`.
+    fn mov_dx(&mut self, imm: u16) {
+        self.emit(&[0x66, 0xba]);
+        self.emit(&imm.to_le_bytes());
+    }
+
+    /// `mov al, imm8`.
+    fn mov_al(&mut self, imm: u8) {
+        self.emit(&[0xb0, imm]);
+    }
+
+    /// `out dx, al`.
+    fn out_dx_al(&mut self) {
+        self.emit(&[0xee]);
+    }
+
+    /// `in al, dx`.
+    fn in_al_dx(&mut self) {
+        self.emit(&[0xec]);
+    }
+
+    /// `test al, imm8`.
+    fn test_al(&mut self, imm: u8) {
+        self.emit(&[0xa8, imm]);
+    }
+
+    fn lodsb(&mut self) {
+        self.emit(&[0xac]);
+    }
+
+    fn cld(&mut self) {
+        self.emit(&[0xfc]);
+    }
+
+    fn cli(&mut self) {
+        self.emit(&[0xfa]);
+    }
+
+    fn hlt(&mut self) {
+        self.emit(&[0xf4]);
+    }
+
+    fn ud2(&mut self) {
+        self.emit(&[0x0f, 0x0b]);
+    }
+
+    /// `op dst, src` on words (`op r/m, reg` with a register r/m).
+    fn alu(&mut self, op: Alu, dst: Reg, src: Reg) {
+        self.rex_w();
+        self.emit(&[op as u8, modrm(0b11, src as u8, dst as u8)]);
+    }
+
+    /// `op [base], src` on words. `base` is never SP or BP, whose plain forms mean
+    /// something else.
+    fn alu_mem(&mut self, op: Alu, base: Reg, src: Reg) {
+        self.rex_w();
+        self.emit(&[op as u8, modrm(0b00, src as u8, base as u8)]);
+    }
+
+    /// `dec r` on words (`FF /1`; the one-byte forms are REX prefixes in long mode).
+    fn dec(&mut self, r: Reg) {
+        self.rex_w();
+        self.emit(&[0xff, modrm(0b11, 1, r as u8)]);
+    }
+
+    /// `mov dword [base + disp8], imm32`.
+    fn mov_mem32_imm(&mut self, base: Reg, disp: u8, imm: u32) {
+        self.emit(&[0xc7, modrm(0b01, 0, base as u8), disp]);
+        self.emit(&imm.to_le_bytes());
+    }
+
+    /// `cmp dword [base + disp8], imm32`.
+    fn cmp_mem32_imm(&mut self, base: Reg, disp: u8, imm: u32) {
+        self.emit(&[0x81, modrm(0b01, 7, base as u8), disp]);
+        self.emit(&imm.to_le_bytes());
+    }
+
+    /// `mov cr3, r`.
+    fn mov_cr3(&mut self, r: Reg) {
+        self.emit(&[0x0f, 0x22, modrm(0b11, 3, r as u8)]);
+    }
+
+    /// `lidt [abs32]` with the address of `t` (SIB form in long mode, where the plain
+    /// disp32 form is RIP-relative).
+    fn lidt(&mut self, t: Target) {
+        if self.long {
+            self.emit(&[0x0f, 0x01, modrm(0b00, 3, 0b100), 0x25]);
+        } else {
+            self.emit(&[0x0f, 0x01, modrm(0b00, 3, 0b101)]);
+        }
+        self.emit(&[0; 4]);
+        self.abs.push((self.code.len() - 4, t));
+    }
+
+    /// `jmp rel32`.
+    fn jmp(&mut self, l: Label) {
+        self.emit(&[0xe9, 0, 0, 0, 0]);
+        self.rel.push((self.code.len() - 4, l));
+    }
+
+    /// `jcc rel32`.
+    fn jcc(&mut self, c: Cond, l: Label) {
+        self.emit(&[0x0f, 0x80 + c as u8, 0, 0, 0, 0]);
+        self.rel.push((self.code.len() - 4, l));
+    }
+
+    // ---- Sequences ----
+
+    /// `value` to `port`.
+    fn out_port(&mut self, port: u16, value: u8) {
+        self.mov_dx(port);
+        self.mov_al(value);
+        self.out_dx_al();
+    }
+
+    /// Prints `len` bytes at `text` on COM1, polling the LSR before each.
+    fn print(&mut self, text: Target, len: usize) {
+        let len = u32::try_from(len).expect("a printed string is shorter than 4 GiB");
+        self.cld();
+        self.mov_r32_abs(Reg::Si, text);
+        self.mov_r32(Reg::Cx, len);
+        let next = self.label();
+        let wait = self.label();
+        self.bind(next);
+        self.mov_dx(COM1_LSR);
+        self.bind(wait);
+        self.in_al_dx();
+        self.test_al(LSR_THR_EMPTY);
+        self.jcc(Cond::Zero, wait);
+        self.mov_dx(COM1);
+        self.lodsb();
+        self.out_dx_al();
+        self.dec(Reg::Cx);
+        self.jcc(Cond::NotZero, next);
+    }
+
+    /// DI = first address, CX = count, BX = seed (its low half in 32-bit code), SI =
+    /// stride.
+    fn pattern_setup(&mut self, p: &Pages, seed: u64) {
+        if self.long {
+            self.mov_r64(Reg::Di, p.start);
+            self.mov_r64(Reg::Cx, p.count);
+            self.mov_r64(Reg::Bx, seed);
+            self.mov_r64(Reg::Si, p.stride);
+        } else {
+            self.mov_r32(Reg::Di, u32_of(p.start, "a PVH pattern start"));
+            self.mov_r32(Reg::Cx, u32_of(p.count, "a PVH pattern count"));
+            self.mov_r32(Reg::Bx, low32(seed));
+            self.mov_r32(Reg::Si, u32_of(p.stride, "a PVH pattern stride"));
+        }
+    }
+
+    /// AX = the pattern at DI (the low half in 32-bit code).
+    fn pattern_value(&mut self) {
+        self.alu(Alu::Mov, Reg::Ax, Reg::Di);
+        self.alu(Alu::Xor, Reg::Ax, Reg::Bx);
+    }
+
+    /// Advances DI by the stride and loops to `top` while CX counts down.
+    fn pattern_next(&mut self, top: Label) {
+        self.alu(Alu::Add, Reg::Di, Reg::Si);
+        self.dec(Reg::Cx);
+        self.jcc(Cond::NotZero, top);
+    }
+
+    fn pattern_write(&mut self, seed: u64) {
+        let top = self.label();
+        self.bind(top);
+        self.pattern_value();
+        self.alu_mem(Alu::Mov, Reg::Di, Reg::Ax);
+        if !self.long {
+            // The address is below 4 GiB: the high half is the seed's.
+            self.mov_mem32_imm(Reg::Di, 4, high32(seed));
+        }
+        self.pattern_next(top);
+    }
+
+    fn pattern_check(&mut self, seed: u64, ok: (usize, usize), bad: (usize, usize)) {
+        let top = self.label();
+        let fail = self.label();
+        let done = self.label();
+        self.bind(top);
+        self.pattern_value();
+        self.alu_mem(Alu::Cmp, Reg::Di, Reg::Ax);
+        self.jcc(Cond::NotZero, fail);
+        if !self.long {
+            self.cmp_mem32_imm(Reg::Di, 4, high32(seed));
+            self.jcc(Cond::NotZero, fail);
+        }
+        self.pattern_next(top);
+        self.print(Target::Data(ok.0), ok.1);
+        self.jmp(done);
+        self.bind(fail);
+        self.print(Target::Data(bad.0), bad.1);
+        self.bind(done);
+    }
+
+    /// `cli; hlt` in a loop.
+    fn park(&mut self) {
+        let top = self.label();
+        self.bind(top);
+        self.cli();
+        self.hlt();
+        self.jmp(top);
+    }
+
+    /// Code, then `data`, then (with `gib`) page tables mapping that many GiB on the
+    /// next page boundary; every address field patched.
+    fn link(mut self, data: &[u8], gib: Option<u64>) -> Vec<u8> {
+        let data_addr = LOAD_ADDR + len_u64(&self.code);
+        let tables_addr = (data_addr + len_u64(data)).next_multiple_of(PAGE);
+        for &(at, label) in &self.rel {
+            let to = self.labels[label.0].expect("every label is bound");
+            let from = at + 4;
+            let disp = i64::try_from(to)
+                .ok()
+                .zip(i64::try_from(from).ok())
+                .and_then(|(to, from)| i32::try_from(to - from).ok())
+                .expect("tiny code is shorter than 2 GiB");
+            self.code[at..at + 4].copy_from_slice(&disp.to_le_bytes());
+        }
+        for &(at, target) in &self.abs {
+            let addr = match target {
+                Target::Data(offset) => data_addr + len_u64(&data[..offset]),
+                Target::PageTables => tables_addr,
+            };
+            self.code[at..at + 4].copy_from_slice(&u32_of(addr, "an image address").to_le_bytes());
+        }
+        let mut image = self.code;
+        image.extend_from_slice(data);
+        if let Some(gib) = gib {
+            let pad = tables_addr - LOAD_ADDR;
+            image.resize(usize::try_from(pad).expect("the image is small"), 0);
+            image.extend(page_tables(tables_addr, gib));
+        }
+        image
+    }
+}
+
+fn low32(v: u64) -> u32 {
+    u32::try_from(v & 0xffff_ffff).expect("masked to 32 bits")
+}
+
+fn high32(v: u64) -> u32 {
+    u32::try_from(v >> 32).expect("shifted to 32 bits")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `f`'s code in 32-bit (`long` false) or 64-bit mode.
+    fn asm(long: bool, f: impl FnOnce(&mut Asm)) -> Vec<u8> {
+        let mut a = Asm::new(long);
+        f(&mut a);
+        a.code
+    }
+
+    /// `f` assembles to `want`, which GNU objdump (`-D -b binary -mi386` or
+    /// `-mi386:x86-64`, Intel syntax) shows as `objdump`.
+    fn check(long: bool, want: &[u8], objdump: &str, f: impl FnOnce(&mut Asm)) {
+        assert_eq!(asm(long, f), want, "{objdump} (64-bit: {long})");
+    }
+
+    #[test]
+    fn encodings_match_the_reference_disassembler() {
+        for long in [false, true] {
+            let imm = [0xbe, 0x40, 0x00, 0x10, 0x00];
+            check(long, &imm, "mov esi,0x100040", |a| {
+                a.mov_r32(Reg::Si, 0x10_0040)
+            });
+            check(long, &[0xb9, 5, 0, 0, 0], "mov ecx,0x5", |a| {
+                a.mov_r32(Reg::Cx, 5)
+            });
+            check(long, &[0x66, 0xba, 0xfd, 0x03], "mov dx,0x3fd", |a| {
+                a.mov_dx(0x3fd)
+            });
+            check(long, &[0xb0, 0x34], "mov al,0x34", |a| a.mov_al(0x34));
+            check(long, &[0xee], "out dx,al", |a| a.out_dx_al());
+            check(long, &[0xec], "in al,dx", |a| a.in_al_dx());
+            check(long, &[0xa8, 0x20], "test al,0x20", |a| a.test_al(0x20));
+            check(long, &[0xac], "lods al,BYTE PTR ds:[esi]", |a| a.lodsb());
+            check(long, &[0xfc], "cld", |a| a.cld());
+            check(long, &[0xfa], "cli", |a| a.cli());
+            check(long, &[0xf4], "hlt", |a| a.hlt());
+            check(long, &[0x0f, 0x0b], "ud2", |a| a.ud2());
+            check(long, &[0x0f, 0x22, 0xd8], "mov cr3,eax", |a| {
+                a.mov_cr3(Reg::Ax)
+            });
+            let mov = [0xc7, 0x47, 0x04, 0x44, 0x33, 0x22, 0x11];
+            check(long, &mov, "mov DWORD PTR [edi+0x4],0x11223344", |a| {
+                a.mov_mem32_imm(Reg::Di, 4, 0x1122_3344)
+            });
+            let cmp = [0x81, 0x7f, 0x04, 0xef, 0xbe, 0xad, 0xde];
+            check(long, &cmp, "cmp DWORD PTR [edi+0x4],0xdeadbeef", |a| {
+                a.cmp_mem32_imm(Reg::Di, 4, 0xdead_beef)
+            });
+        }
+
+        // Word-sized instructions: 32-bit operands in PVH code...
+        check(false, &[0x89, 0xf8], "mov eax,edi", |a| {
+            a.alu(Alu::Mov, Reg::Ax, Reg::Di)
+        });
+        check(false, &[0x31, 0xd8], "xor eax,ebx", |a| {
+            a.alu(Alu::Xor, Reg::Ax, Reg::Bx)
+        });
+        check(false, &[0x01, 0xf7], "add edi,esi", |a| {
+            a.alu(Alu::Add, Reg::Di, Reg::Si)
+        });
+        check(false, &[0x89, 0x07], "mov DWORD PTR [edi],eax", |a| {
+            a.alu_mem(Alu::Mov, Reg::Di, Reg::Ax)
+        });
+        check(false, &[0x39, 0x07], "cmp DWORD PTR [edi],eax", |a| {
+            a.alu_mem(Alu::Cmp, Reg::Di, Reg::Ax)
+        });
+        check(false, &[0xff, 0xc9], "dec ecx", |a| a.dec(Reg::Cx));
+        // ... 64-bit (REX.W) in long mode.
+        let w = |bytes: &[u8]| [&[0x48], bytes].concat();
+        check(true, &w(&[0x89, 0xf8]), "mov rax,rdi", |a| {
+            a.alu(Alu::Mov, Reg::Ax, Reg::Di)
+        });
+        check(true, &w(&[0x31, 0xd8]), "xor rax,rbx", |a| {
+            a.alu(Alu::Xor, Reg::Ax, Reg::Bx)
+        });
+        check(true, &w(&[0x01, 0xf7]), "add rdi,rsi", |a| {
+            a.alu(Alu::Add, Reg::Di, Reg::Si)
+        });
+        check(true, &w(&[0x89, 0x07]), "mov QWORD PTR [rdi],rax", |a| {
+            a.alu_mem(Alu::Mov, Reg::Di, Reg::Ax)
+        });
+        check(true, &w(&[0x39, 0x07]), "cmp QWORD PTR [rdi],rax", |a| {
+            a.alu_mem(Alu::Cmp, Reg::Di, Reg::Ax)
+        });
+        check(true, &w(&[0xff, 0xc9]), "dec rcx", |a| a.dec(Reg::Cx));
+        let movabs = [0x48, 0xbf, 0x89, 0x67, 0x45, 0x23, 0x01, 0, 0, 0];
+        check(true, &movabs, "movabs rdi,0x123456789", |a| {
+            a.mov_r64(Reg::Di, 0x1_2345_6789)
+        });
+        let movabs = [0x48, 0xbb, 0x0d, 0xf0, 0xad, 0x0b, 0xde, 0xc0, 0xed, 0x5e];
+        check(true, &movabs, "movabs rbx,0x5eedc0de0badf00d", |a| {
+            a.mov_r64(Reg::Bx, DEFAULT_SEED)
+        });
+
+        // lidt with an absolute address: disp32 in 32-bit code, SIB + disp32 in 64-bit
+        // code (where plain disp32 is RIP-relative).
+        check(
+            false,
+            &[0x0f, 0x01, 0x1d, 0, 0, 0, 0],
+            "lidtd ds:0x0",
+            |a| a.lidt(Target::Data(0)),
+        );
+        check(
+            true,
+            &[0x0f, 0x01, 0x1c, 0x25, 0, 0, 0, 0],
+            "lidt ds:0x0",
+            |a| a.lidt(Target::Data(0)),
+        );
+    }
+
+    #[test]
+    fn jumps_are_relative_to_the_next_instruction() {
+        let mut a = Asm::new(true);
+        let top = a.label();
+        let end = a.label();
+        a.bind(top);
+        a.hlt();
+        a.jcc(Cond::Zero, end); // 0x1: 0f 84 rel32, next at 0x7
+        a.jmp(top); // 0x7: e9 rel32, next at 0xc
+        a.bind(end);
+        let code = a.link(&[], None);
+        assert_eq!(
+            code,
+            [0xf4, 0x0f, 0x84, 5, 0, 0, 0, 0xe9, 0xf4, 0xff, 0xff, 0xff]
+        );
+    }
+
+    /// The fields of an ELF64 file the VMM's loader looks at.
+    struct Parsed {
+        class: u8,
+        machine: u16,
+        kind: u16,
+        entry: u64,
+        /// (type, offset, paddr, vaddr, filesz, memsz)
+        phdrs: Vec<(u32, u64, u64, u64, u64, u64)>,
+    }
+
+    fn u16_at(f: &[u8], at: usize) -> u16 {
+        u16::from_le_bytes(f[at..at + 2].try_into().unwrap())
+    }
+    fn u32_at(f: &[u8], at: usize) -> u32 {
+        u32::from_le_bytes(f[at..at + 4].try_into().unwrap())
+    }
+    fn u64_at(f: &[u8], at: usize) -> u64 {
+        u64::from_le_bytes(f[at..at + 8].try_into().unwrap())
+    }
+    fn at(v: u64) -> usize {
+        usize::try_from(v).unwrap()
+    }
+
+    fn parse(f: &[u8]) -> Parsed {
+        assert_eq!(&f[..4], b"\x7fELF");
+        assert_eq!(f[5], 1, "little endian");
+        assert_eq!(u16_at(f, 52), EHDR_SIZE);
+        assert_eq!(u16_at(f, 54), PHDR_SIZE);
+        let phoff = at(u64_at(f, 32));
+        let phdrs = (0..usize::from(u16_at(f, 56)))
+            .map(|i| {
+                let p = phoff + i * usize::from(PHDR_SIZE);
+                (
+                    u32_at(f, p),
+                    u64_at(f, p + 8),
+                    u64_at(f, p + 24),
+                    u64_at(f, p + 16),
+                    u64_at(f, p + 32),
+                    u64_at(f, p + 40),
+                )
+            })
+            .collect();
+        Parsed {
+            class: f[4],
+            machine: u16_at(f, 18),
+            kind: u16_at(f, 16),
+            entry: u64_at(f, 24),
+            phdrs,
+        }
+    }
+
+    fn image_of(f: &[u8]) -> &[u8] {
+        let p = parse(f);
+        let (_, offset, _, _, size, _) = p.phdrs[0];
+        &f[at(offset)..at(offset + size)]
+    }
+
+    #[test]
+    fn long_mode_guest_is_one_load_segment_at_1mib_without_a_note() {
+        let f = TinyGuest::new(Mode::Long)
+            .print("hi\n")
+            .exit(Exit::PowerOff)
+            .build();
+        let p = parse(&f);
+        assert_eq!((p.class, p.machine, p.kind), (2, 62, 2));
+        assert_eq!(p.entry, LOAD_ADDR);
+        assert_eq!(p.phdrs.len(), 1);
+        let (kind, offset, paddr, vaddr, filesz, memsz) = p.phdrs[0];
+        assert_eq!((kind, paddr, vaddr), (1, LOAD_ADDR, LOAD_ADDR));
+        assert_eq!(offset % PAGE, paddr % PAGE);
+        assert_eq!(filesz, memsz);
+        assert_eq!(len_u64(&f), offset + filesz);
+    }
+
+    #[test]
+    fn pvh_guest_carries_the_xen_phys32_entry_note() {
+        let f = TinyGuest::new(Mode::Pvh).exit(Exit::Panic).build();
+        let p = parse(&f);
+        assert_eq!((p.class, p.machine), (2, 62));
+        assert_eq!(p.phdrs[0].0, 1);
+        let (kind, offset, _, _, filesz, _) = p.phdrs[1];
+        assert_eq!(kind, 4);
+        assert_eq!(offset % 4, 0);
+        let note = &f[at(offset)..at(offset + filesz)];
+        assert_eq!(u32_at(note, 0), 4); // namesz
+        assert_eq!(u32_at(note, 4), 4); // descsz
+        assert_eq!(u32_at(note, 8), 18); // XEN_ELFNOTE_PHYS32_ENTRY
+        assert_eq!(&note[12..16], b"Xen\0");
+        assert_eq!(u64::from(u32_at(note, 16)), LOAD_ADDR);
+    }
+
+    #[test]
+    fn marker_is_the_first_port_write() {
+        let f = TinyGuest::new(Mode::Long).marker(b'!').print("x").build();
+        assert_eq!(
+            &image_of(&f)[..7],
+            &[0x66, 0xba, 0xf8, 0x03, 0xb0, b'!', 0xee]
+        );
+    }
+
+    #[test]
+    fn printed_text_is_addressed_where_it_lies() {
+        for mode in [Mode::Long, Mode::Pvh] {
+            let f = TinyGuest::new(mode).print("hello, guest\n").build();
+            let image = image_of(&f);
+            // The print starts with cld; mov esi, imm32.
+            assert_eq!(&image[..2], &[0xfc, 0xbe]);
+            let addr = u64::from(u32_at(image, 2));
+            let text = &image[at(addr - LOAD_ADDR)..][..13];
+            assert_eq!(text, b"hello, guest\n");
+            assert_eq!(u32_at(image, 7), 13, "mov ecx, len");
+        }
+    }
+
+    #[test]
+    fn exits_write_their_port() {
+        let cases = [
+            (Exit::PowerOff, ACPI_SLEEP_CONTROL, ACPI_POWER_OFF),
+            (Exit::Reset, I8042_COMMAND, I8042_RESET),
+            (Exit::AcpiReset, ACPI_RESET_REGISTER, ACPI_RESET_VALUE),
+            (Exit::Panic, PVPANIC, 1),
+        ];
+        for (exit, port, value) in cases {
+            let f = TinyGuest::new(Mode::Pvh).exit(exit).build();
+            let [lo, hi] = port.to_le_bytes();
+            // out, then the park loop: cli; hlt; jmp back to cli.
+            let want = [0x66, 0xba, lo, hi, 0xb0, value, 0xee, 0xfa, 0xf4, 0xe9];
+            assert_eq!(&image_of(&f)[..10], &want, "{exit:?}");
+            assert_eq!(u32_at(image_of(&f), 10), 0xffff_fff9_u32, "{exit:?}");
+        }
+        let f = TinyGuest::new(Mode::Long).exit(Exit::TripleFault).build();
+        let image = image_of(&f);
+        assert_eq!(&image[..4], &[0x0f, 0x01, 0x1c, 0x25]);
+        let idt = u64::from(u32_at(image, 4));
+        assert_eq!(&image[at(idt - LOAD_ADDR)..][..10], &[0; 10]);
+        assert_eq!(&image[8..10], &[0x0f, 0x0b]);
+        assert_eq!(Exit::Hang.expected_status(), None);
+        assert_eq!(Exit::TripleFault.expected_status(), Some(4));
+    }
+
+    #[test]
+    fn low_patterns_use_the_vmm_page_tables() {
+        let f = TinyGuest::new(Mode::Long)
+            .touch_pages(0x20_0000, 4, 0x1000)
+            .build();
+        let image = image_of(&f);
+        assert_eq!(&image[..2], &[0x48, 0xbf], "starts with movabs rdi");
+        assert!(
+            image.len() < 0x1000,
+            "no page tables: {} bytes",
+            image.len()
+        );
+    }
+
+    #[test]
+    fn patterns_above_4gib_bring_page_tables() {
+        let start = 0x1_0000_0000;
+        let f = TinyGuest::new(Mode::Long)
+            .marker(b'.')
+            .touch_pages(start, 2, 0x10_0000)
+            .check_pages(start, 2, 0x10_0000)
+            .build();
+        let image = image_of(&f);
+        // After the marker: mov eax, pml4; mov cr3, rax.
+        assert_eq!(image[7], 0xb8);
+        let pml4 = u64::from(u32_at(image, 8));
+        assert_eq!(&image[12..15], &[0x0f, 0x22, 0xd8]);
+        assert_eq!(pml4 % PAGE, 0);
+        let t = &image[at(pml4 - LOAD_ADDR)..];
+        let pdpt = u64_at(t, 0) & !0xfff;
+        assert_eq!(pdpt, pml4 + PAGE);
+        assert_eq!(u64_at(t, 8), 0);
+        let pdpt = &t[0x1000..0x2000];
+        // 5 GiB: 4 GiB + the 1 MiB + 8 bytes reached, rounded up.
+        for i in 0..5u64 {
+            assert_eq!(u64_at(pdpt, at(i * 8)), (pml4 + PAGE * (2 + i)) | 3);
+        }
+        assert_eq!(u64_at(pdpt, 5 * 8), 0);
+        let pd4 = &t[0x6000..0x7000];
+        assert_eq!(u64_at(pd4, 0), 0x1_0000_0000 | 0x83);
+        assert_eq!(u64_at(pd4, 8), 0x1_0020_0000 | 0x83);
+        assert_eq!(t.len(), 7 * 0x1000);
+    }
+
+    #[test]
+    #[should_panic(expected = "goes beyond")]
+    fn pvh_patterns_stay_below_4gib() {
+        let _ = TinyGuest::new(Mode::Pvh).touch_pages(0xffff_f000, 2, 0x1000);
+    }
+
+    #[test]
+    #[should_panic(expected = "overlaps the guest image")]
+    fn patterns_never_overwrite_the_guest() {
+        let _ = TinyGuest::new(Mode::Long)
+            .touch_pages(0xf_f000, 4, 0x1000)
+            .build();
+    }
+
+    #[test]
+    fn pattern_is_address_xor_seed() {
+        assert_eq!(pattern(0x1000, 0xff00), 0xef00);
+        assert_eq!(pattern(0x1000, 0), 0x1000);
+    }
+}
