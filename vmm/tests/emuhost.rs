@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use rangevm_tests::EmuHost;
+use rangevm_tests::{DefaultGuest, EmuHost, MARKER};
 
 #[test]
 fn host_check_sees_real_kvm_inside_the_emulated_host() {
@@ -20,5 +20,62 @@ fn host_check_sees_real_kvm_inside_the_emulated_host() {
         out.contains("KVM_CAP_USER_MEMORY                yes"),
         "{out}"
     );
+    assert_eq!(console.command_status(), Some(0), "{out}");
+}
+
+/// The default Linux guest boots under rangevm to its marker with 1 and 2 vCPUs, in
+/// both `--mem-lock` modes, runs a command and powers off with exit status 0: four
+/// rangevm runs inside one boot of the emulated host.
+#[test]
+fn default_linux_guest_boots_under_rangevm_inside_the_emulated_host() {
+    let guest = DefaultGuest::build().expect("build the default guest");
+    let cases = [(1, "range"), (2, "range"), (1, "global"), (2, "global")];
+    let mut script = String::new();
+    for (cpus, lock) in cases {
+        let cmdline = format!(
+            "{} pci=off",
+            guest.cmdline_running("echo guest-sees-cpus=$(grep -c ^processor /proc/cpuinfo)")
+        );
+        script.push_str(&format!(
+            "echo CASE-BEGIN cpus={cpus} lock={lock}; \
+             rangevm run --kernel vmlinuz --initrd initramfs.cpio.gz --memory 256M \
+             --cpus {cpus} --mem-lock {lock} --cmdline '{cmdline}'; \
+             echo CASE-END cpus={cpus} lock={lock} status=$?; "
+        ));
+    }
+    let console = EmuHost::new()
+        .with_file(env!("CARGO_BIN_EXE_rangevm"))
+        .with_file(&guest.kernel)
+        .with_file(&guest.initrd)
+        .run(&script, Duration::from_secs(600))
+        .expect("boot the emulated host");
+    eprintln!("emulated host ran {:.1} s", console.elapsed.as_secs_f64());
+    let out = &console.output;
+    assert!(out.contains("RANGEVM-EMUHOST-UP kvm=yes"), "{out}");
+    for (cpus, lock) in cases {
+        let begin = format!("CASE-BEGIN cpus={cpus} lock={lock}");
+        let end = format!("CASE-END cpus={cpus} lock={lock} status=");
+        let start = out
+            .find(&begin)
+            .unwrap_or_else(|| panic!("no {begin}:\n{out}"));
+        let stop = out[start..]
+            .find(&end)
+            .map(|i| start + i)
+            .unwrap_or_else(|| panic!("no {end}:\n{out}"));
+        let case = &out[start..stop];
+        let status = out[stop + end.len()..].split_whitespace().next();
+        assert_eq!(status, Some("0"), "rangevm's exit status, {begin}:\n{case}");
+        assert!(case.contains(MARKER), "no marker, {begin}:\n{case}");
+        assert!(
+            case.contains(&format!("cpus={cpus} mem_kb=")),
+            "the guest does not see {cpus} vCPUs, {begin}:\n{case}"
+        );
+        assert!(
+            case.contains(&format!("guest-sees-cpus={cpus}")),
+            "the command did not run, {begin}:\n{case}"
+        );
+        assert!(case.contains("RANGEVM-CMD-EXIT=0"), "{begin}:\n{case}");
+        assert!(case.contains("reboot: Power down"), "{begin}:\n{case}");
+    }
     assert_eq!(console.command_status(), Some(0), "{out}");
 }
