@@ -198,7 +198,8 @@ impl EmuHost {
         self
     }
 
-    /// Boots the host and runs `command` (shell text) in it.
+    /// Boots the host and runs `command` (shell text, any length: it travels as the file
+    /// `/payload/rangevm-cmd.sh`) in it.
     pub fn run(&self, command: &str, timeout: Duration) -> Result<Console, HarnessError> {
         static RUNS: AtomicUsize = AtomicUsize::new(0);
         let dir = std::env::temp_dir().join(format!(
@@ -218,6 +219,13 @@ impl EmuHost {
                     HarnessError::Tool(format!("cannot copy {}: {e}", file.display()))
                 })?;
             }
+            // The command goes in a file: the kernel command line holds only 2 KiB.
+            std::fs::write(payload.join("rangevm-cmd.sh"), command).map_err(|e| {
+                HarnessError::Tool(format!(
+                    "cannot write the command into {}: {e}",
+                    payload.display()
+                ))
+            })?;
             let initrd = dir.join("host.cpio.gz");
             let kernel = PathBuf::from(run_script(
                 "build-emuhost.sh",
@@ -230,7 +238,7 @@ impl EmuHost {
             )?);
             let cmdline = format!(
                 "console=ttyS0 loglevel=4 reboot=k panic=1 rangevm.cmd64={}",
-                base64(command.as_bytes())
+                base64(b"sh /payload/rangevm-cmd.sh")
             );
             run_qemu(&kernel, &initrd, &cmdline, 1024, timeout)
         })();

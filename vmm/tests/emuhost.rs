@@ -20,6 +20,15 @@ fn host_check_sees_real_kvm_inside_the_emulated_host() {
         out.contains("KVM_CAP_USER_MEMORY                yes"),
         "{out}"
     );
+    let shell = out
+        .split_once("SHELL-END status=")
+        .map(|(_, rest)| rest)
+        .unwrap_or_else(|| panic!("the shell case did not finish:\n{out}"));
+    assert!(shell.starts_with('0'), "rangevm's exit status:\n{shell}");
+    assert!(
+        shell.contains("from-stdin-42"),
+        "stdin did not reach the guest's shell:\n{shell}"
+    );
     assert_eq!(console.command_status(), Some(0), "{out}");
 }
 
@@ -43,6 +52,17 @@ fn default_linux_guest_boots_under_rangevm_inside_the_emulated_host() {
              echo CASE-END cpus={cpus} lock={lock} status=$?; "
         ));
     }
+    // Serial input: a shell on the guest's console reads what arrives on rangevm's
+    // standard input (a FIFO here, written once the guest is up).
+    script.push_str(&format!(
+        "mkfifo /tmp/in; exec 3<>/tmp/in; \
+         rangevm run --kernel vmlinuz --initrd initramfs.cpio.gz --memory 256M \
+         --cmdline '{} pci=off rangevm.shell=1' <&3 >/tmp/out 2>&1 & pid=$!; \
+         i=0; until grep -q {MARKER} /tmp/out || [ $i -gt 600 ]; do sleep 0.2; i=$((i+1)); done; \
+         sleep 2; echo 'echo from-stdin-$((6*7)); poweroff -f' >&3; \
+         wait $pid; echo SHELL-END status=$?; cat /tmp/out; echo SHELL-OUT-END; ",
+        guest.cmdline
+    ));
     let console = EmuHost::new()
         .with_file(env!("CARGO_BIN_EXE_rangevm"))
         .with_file(&guest.kernel)
@@ -77,5 +97,14 @@ fn default_linux_guest_boots_under_rangevm_inside_the_emulated_host() {
         assert!(case.contains("RANGEVM-CMD-EXIT=0"), "{begin}:\n{case}");
         assert!(case.contains("reboot: Power down"), "{begin}:\n{case}");
     }
+    let shell = out
+        .split_once("SHELL-END status=")
+        .map(|(_, rest)| rest)
+        .unwrap_or_else(|| panic!("the shell case did not finish:\n{out}"));
+    assert!(shell.starts_with('0'), "rangevm's exit status:\n{shell}");
+    assert!(
+        shell.contains("from-stdin-42"),
+        "stdin did not reach the guest's shell:\n{shell}"
+    );
     assert_eq!(console.command_status(), Some(0), "{out}");
 }
