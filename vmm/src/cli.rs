@@ -17,7 +17,7 @@ pub enum CliError {
     HostCheck(#[from] HostCheckError),
     /// `rangevm run` failed.
     #[cfg(target_arch = "x86_64")]
-    #[error("Cannot run the guest")]
+    #[error(transparent)]
     Run(#[from] RunError),
     /// `rangevm stress` failed.
     #[error("Stress test failed")]
@@ -103,7 +103,7 @@ enum Command {
     /// Boot a guest kernel (bzImage or ELF) with an initrd and run it, its serial
     /// console on standard input/output. Exit status: 0 the guest powered off, 1 the
     /// VMM failed, 2 bad command line, 3 guest reset, 4 triple fault, 5 guest panic,
-    /// 130/143 after SIGINT/SIGTERM (clean shutdown). `rangevm run --help` has more.
+    /// 130/143 after SIGINT/SIGTERM (clean shutdown).
     #[cfg(target_arch = "x86_64")]
     Run(RunArgs),
     /// Report what this host offers rangevm: host page size, KVM (API version and

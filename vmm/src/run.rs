@@ -39,7 +39,7 @@ pub enum RunError {
     #[error("Cannot use standard output for the serial console")]
     Stdout(#[source] std::io::Error),
     /// The machine could not be built.
-    #[error("Cannot start the virtual machine")]
+    #[error(transparent)]
     Machine(#[from] MachineError),
     /// The event loop failed.
     #[error("The VMM's event loop failed")]
