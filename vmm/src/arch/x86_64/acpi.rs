@@ -72,15 +72,15 @@ const ALL_PROCESSORS: u8 = 0xff;
 /// MPS INTI flags: polarity and trigger mode conform to the bus (ISA: edge, active high).
 const MPS_INTI_CONFORMS: u16 = 0;
 
-/// The IOAPIC's address as the MADT stores it (32 bits).
+/// The IOAPIC's address as the MADT (and the MP table) store it (32 bits).
 #[allow(clippy::cast_possible_truncation)] // Checked by the assertion.
-const IOAPIC_ADDR: u32 = {
+pub(super) const IOAPIC_ADDR: u32 = {
     assert!(layout::IOAPIC_START <= u32::MAX as u64);
     layout::IOAPIC_START as u32
 };
-/// The local APICs' address as the MADT stores it (32 bits).
+/// The local APICs' address as the MADT (and the MP table) store it (32 bits).
 #[allow(clippy::cast_possible_truncation)] // Checked by the assertion.
-const LAPIC_ADDR: u32 = {
+pub(super) const LAPIC_ADDR: u32 = {
     assert!(layout::LAPIC_START <= u32::MAX as u64);
     layout::LAPIC_START as u32
 };

@@ -12,7 +12,7 @@
 
 use rangevm_memory::{GuestRam, GuestRamError};
 
-use super::acpi::PIT_GSI;
+use super::acpi::{IOAPIC_ADDR, LAPIC_ADDR, PIT_GSI};
 use super::layout;
 
 /// End of the EBDA KiB the tables must fit in.
@@ -73,18 +73,6 @@ const IOAPIC_ENABLED: u8 = 1;
 /// Destination local APIC ID meaning "all local APICs".
 const ALL_LAPICS: u8 = 0xff;
 
-/// The IOAPIC's address as the table stores it (32 bits).
-#[allow(clippy::cast_possible_truncation)] // Checked by the assertion.
-const IOAPIC_ADDR: u32 = {
-    assert!(layout::IOAPIC_START <= u32::MAX as u64);
-    layout::IOAPIC_START as u32
-};
-/// The local APICs' address as the table stores it (32 bits).
-#[allow(clippy::cast_possible_truncation)] // Checked by the assertion.
-const LAPIC_ADDR: u32 = {
-    assert!(layout::LAPIC_START <= u32::MAX as u64);
-    layout::LAPIC_START as u32
-};
 /// Where the configuration table goes (right after the floating pointer), 32 bits.
 #[allow(clippy::cast_possible_truncation)] // Checked by the assertion.
 const CONFIG_ADDR: u32 = {
