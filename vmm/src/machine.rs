@@ -11,7 +11,7 @@ use rangevm_memory::{host_page_size, GuestRam, GuestRamError, LockMode};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::arch::{self, layout, ArchError, IoHandler, KvmVm, SystemConfig};
-use crate::vcpu::{VcpuEnv, VcpuError, VcpuExitReason, VcpuHandle};
+use crate::vcpu::{VcpuEnv, VcpuError, VcpuEvent, VcpuExitReason, VcpuHandle, VcpuResponse};
 
 /// The smallest guest memory the machine accepts: the boot structures live below 1 MiB
 /// and the kernel is loaded at 1 MiB.
@@ -53,6 +53,14 @@ pub enum MachineError {
     /// A vCPU thread failed.
     #[error("vCPU thread failed")]
     Vcpu(#[from] VcpuError),
+    /// A vCPU answered a pause or resume from a state that does not allow it.
+    #[error("vCPU {id} answered {state}")]
+    VcpuState {
+        /// vCPU index.
+        id: u64,
+        /// What it answered.
+        state: String,
+    },
 }
 
 /// What to build.
@@ -220,6 +228,29 @@ impl Machine {
                 .filter(|r| **r != VcpuExitReason::Finished)
                 .cloned()
         })
+    }
+
+    /// Pauses every vCPU (each leaves KVM_RUN and waits); returns once all have.
+    pub fn pause(&mut self) -> Result<(), MachineError> {
+        self.send_all(VcpuEvent::Pause, &VcpuResponse::Paused)
+    }
+
+    /// Resumes every paused vCPU.
+    pub fn resume(&mut self) -> Result<(), MachineError> {
+        self.send_all(VcpuEvent::Resume, &VcpuResponse::Resumed)
+    }
+
+    fn send_all(&mut self, event: VcpuEvent, want: &VcpuResponse) -> Result<(), MachineError> {
+        for vcpu in &mut self.vcpus {
+            let got = vcpu.request(event, VCPU_TIMEOUT)?;
+            if got != *want {
+                return Err(MachineError::VcpuState {
+                    id: vcpu.id(),
+                    state: format!("{got:?}"),
+                });
+            }
+        }
+        Ok(())
     }
 
     /// Stops every vCPU and joins its thread; returns the reasons they gave, in vCPU
