@@ -100,6 +100,15 @@ pub enum GuestRamError {
         #[source]
         source: std::io::Error,
     },
+    /// The hypervisor's dirty log could not be read or cleared.
+    #[error("Cannot read or clear the dirty log of memory slot {slot}")]
+    DirtyLog {
+        /// The slot (region index).
+        slot: u32,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
     /// madvise failed.
     #[error("Cannot release guest pages [{start:#x}, {end:#x}) to the host")]
     Discard {
@@ -630,6 +639,7 @@ fn usize_of(v: u64) -> usize {
     usize::try_from(v).unwrap_or(usize::MAX)
 }
 
+pub mod dirty;
 pub mod faults;
 #[cfg(test)]
 mod tests;

@@ -117,3 +117,77 @@ fn guest_faults_on_missing_memory_are_served_by_the_fault_engine() {
     assert_eq!(stats.errors, 0);
     assert!(ram.page_state(u64::from(ENTRY)).unwrap().present);
 }
+
+/// The dirty set is KVM's dirty log (manual-protect mode) OR-ed with the VMM's own
+/// bitmap: a real-mode guest writes pages A, signals, waits for a flag the host sets by
+/// DMA, writes pages B and halts. The first harvest returns exactly A; the second
+/// exactly B plus the flag page the host wrote; a third returns nothing.
+#[test]
+fn dirty_harvest_returns_exactly_the_pages_written_since_the_last_one() {
+    let page = host_page_size();
+    assert_eq!(
+        page, 4096,
+        "this real-mode guest's page numbers assume x86 pages"
+    );
+    let ram = Arc::new(GuestRam::new(LockMode::Range, &[(0, 1 << 20)]).unwrap());
+    let set_a = [0x3000u64, 0x5000, 0x8000];
+    let set_b = [0x4000u64, 0x9000];
+    let flag = 0xC000u64;
+    let mut code = Vec::new();
+    // mov byte [addr], 1
+    let store = |code: &mut Vec<u8>, addr: u64| {
+        let a = u16::try_from(addr).unwrap().to_le_bytes();
+        code.extend([0xC6, 0x06, a[0], a[1], 0x01]);
+    };
+    for &a in &set_a {
+        store(&mut code, a);
+    }
+    code.extend(MOV_DX_COM1);
+    code.extend([0xB0, b'A', OUT_DX_AL]);
+    // wait: mov al, [flag]; test al, al; jz wait
+    let f = u16::try_from(flag).unwrap().to_le_bytes();
+    code.extend([0xA0, f[0], f[1], 0x84, 0xC0, 0x74, 0xF9]);
+    for &b in &set_b {
+        store(&mut code, b);
+    }
+    code.extend([0xB0, b'B', OUT_DX_AL, HLT]);
+    ram.write(u64::from(ENTRY), &code).unwrap();
+
+    let vm = KvmVm::new(Arc::clone(&ram)).expect("create VM");
+    vm.set_dirty_logging(true).expect("enable dirty logging");
+    eprintln!("KVM manual dirty protect: {}", vm.manual_dirty_protect());
+    // Start clean: the program's own bytes were written by the VMM.
+    ram.harvest_dirty(Some(&vm), 2 << 20).unwrap();
+    let mut vcpu = vm.create_vcpu(0).expect("create vCPU");
+    vcpu.setup_real_mode(ENTRY).expect("real mode");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::scope(|s| {
+        let runner = s.spawn(move || {
+            vcpu.run(|port, data| {
+                if port == 0x3f8 {
+                    let _ = tx.send(data[0]);
+                }
+            })
+        });
+        let timeout = std::time::Duration::from_secs(20);
+        assert_eq!(rx.recv_timeout(timeout), Ok(b'A'));
+        let (first, stats) = ram.harvest_dirty(Some(&vm), 2 << 20).unwrap();
+        assert_eq!(first, set_a, "first harvest ({stats:?})");
+        ram.write(flag, &[1]).unwrap();
+        assert_eq!(rx.recv_timeout(timeout), Ok(b'B'));
+        assert_eq!(runner.join().unwrap().unwrap(), VcpuStop::Halted);
+    });
+    let (second, _) = ram.harvest_dirty(Some(&vm), 2 << 20).unwrap();
+    let mut want = set_b.to_vec();
+    want.push(flag);
+    want.sort_unstable();
+    assert_eq!(
+        second, want,
+        "second harvest: B and the page the host wrote"
+    );
+    assert_eq!(
+        ram.harvest_dirty(Some(&vm), 2 << 20).unwrap().0,
+        Vec::<u64>::new()
+    );
+    vm.set_dirty_logging(false).expect("disable dirty logging");
+}
