@@ -96,20 +96,22 @@ impl GuestRam {
     ) -> Result<Resolution> {
         let page = self.page_size;
         let start = gpa - gpa % page;
-        let _guard = self.lock.write(start..start + page)?;
-        let map = self.map.load();
-        let (_, r) = map.region_of(start).ok_or(GuestRamError::NotMapped {
+        // The last page of the address space is never RAM (a region's end must fit a
+        // u64); say so instead of overflowing.
+        let end = start.checked_add(page).ok_or(GuestRamError::NotMapped {
             start,
-            end: start + page,
+            end: u64::MAX,
         })?;
+        let _guard = self.lock.write(start..end)?;
+        let map = self.map.load();
+        let (_, r) = map
+            .region_of(start)
+            .ok_or(GuestRamError::NotMapped { start, end })?;
         let index = usize_of((start - r.start) / page);
         let region = map
             .mem
             .find_region(GuestAddress(start))
-            .ok_or(GuestRamError::NotMapped {
-                start,
-                end: start + page,
-            })?;
+            .ok_or(GuestRamError::NotMapped { start, end })?;
         let host = region.get_mmap().as_ptr() as u64 + (start - r.start);
         if r.states.is_present(index) {
             uffd.wake(host, page)?;
