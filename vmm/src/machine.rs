@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use rangevm_devices::{Bus, GuestRequests, GuestRequestsError, Serial};
-use rangevm_memory::{host_page_size, GuestRam, GuestRamError, LockMode};
+use rangevm_memory::{host_page_size, DirtyLog, GuestRam, GuestRamError, HarvestStats, LockMode};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::arch::{self, layout, ArchError, IoHandler, KvmVm, SystemConfig};
@@ -18,6 +18,8 @@ use crate::vcpu::{VcpuEnv, VcpuError, VcpuEvent, VcpuExitReason, VcpuHandle, Vcp
 pub const MIN_MEMORY: u64 = 2 << 20;
 /// Most vCPUs (8-bit APIC IDs, one of them the IOAPIC's).
 pub const MAX_CPUS: u8 = 254;
+/// The chunk a dirty harvest locks at a time.
+pub const DIRTY_CHUNK: u64 = 2 << 20;
 /// How long a vCPU may take to answer a request before it is called stuck.
 const VCPU_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -127,7 +129,29 @@ pub struct Machine {
     serial: Arc<Mutex<Serial>>,
     requests: Arc<GuestRequests>,
     vcpu_exited: Arc<EventFd>,
+    info: MachineInfo,
     vm: KvmVm,
+}
+
+/// What a running machine is, for `vm info`.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct MachineInfo {
+    /// "running" or "paused".
+    pub state: &'static str,
+    /// vCPUs.
+    pub cpus: u8,
+    /// Guest memory in bytes.
+    pub memory_bytes: u64,
+    /// "range" or "global".
+    pub mem_lock: String,
+    /// The host page size every page-granular operation uses.
+    pub page_size: u64,
+    /// Guest RAM regions as `[start, size]`.
+    pub regions: Vec<[u64; 2]>,
+    /// Whether KVM's dirty logging is on.
+    pub dirty_logging: bool,
+    /// The kernel booted.
+    pub kernel: String,
 }
 
 impl Machine {
@@ -182,11 +206,25 @@ impl Machine {
             mmio: Bus::new(),
         });
         let vcpu_exited = Arc::new(EventFd::new(EFD_NONBLOCK).map_err(MachineError::EventFd)?);
+        let info = MachineInfo {
+            state: "running",
+            cpus,
+            memory_bytes: cfg.memory,
+            mem_lock: match cfg.mem_lock {
+                LockMode::Range => "range".into(),
+                LockMode::Global => "global".into(),
+            },
+            page_size: page,
+            regions: ram.regions().iter().map(|r| [r.start, r.size]).collect(),
+            dirty_logging: false,
+            kernel: cfg.kernel.display().to_string(),
+        };
         let mut machine = Machine {
             vcpus: Vec::new(),
             serial: devices.serial,
             requests,
             vcpu_exited,
+            info,
             vm,
         };
         for vcpu in vcpus {
@@ -232,12 +270,48 @@ impl Machine {
 
     /// Pauses every vCPU (each leaves KVM_RUN and waits); returns once all have.
     pub fn pause(&mut self) -> Result<(), MachineError> {
-        self.send_all(VcpuEvent::Pause, &VcpuResponse::Paused)
+        self.send_all(VcpuEvent::Pause, &VcpuResponse::Paused)?;
+        self.info.state = "paused";
+        Ok(())
     }
 
     /// Resumes every paused vCPU.
     pub fn resume(&mut self) -> Result<(), MachineError> {
-        self.send_all(VcpuEvent::Resume, &VcpuResponse::Resumed)
+        self.send_all(VcpuEvent::Resume, &VcpuResponse::Resumed)?;
+        self.info.state = "running";
+        Ok(())
+    }
+
+    /// What the machine is.
+    pub fn info(&self) -> &MachineInfo {
+        &self.info
+    }
+
+    /// Turns KVM's dirty logging on or off (each slot under its region's write lock),
+    /// and on start clears the VMM's own bitmap so the next harvest sees only writes
+    /// from now on.
+    pub fn set_dirty_logging(&mut self, enabled: bool) -> Result<(), MachineError> {
+        self.vm.set_dirty_logging(enabled)?;
+        if enabled {
+            self.ram()
+                .harvest_dirty(None, DIRTY_CHUNK)
+                .map_err(MachineError::Memory)?;
+        }
+        self.info.dirty_logging = enabled;
+        Ok(())
+    }
+
+    /// Harvests the dirty set (KVM's log, if logging is on, OR the VMM's bitmap), in
+    /// chunks of [`DIRTY_CHUNK`] under read locks.
+    pub fn harvest_dirty(&self) -> Result<(Vec<u64>, HarvestStats), MachineError> {
+        let log: Option<&dyn DirtyLog> = if self.info.dirty_logging {
+            Some(&self.vm)
+        } else {
+            None
+        };
+        self.ram()
+            .harvest_dirty(log, DIRTY_CHUNK)
+            .map_err(MachineError::Memory)
     }
 
     fn send_all(&mut self, event: VcpuEvent, want: &VcpuResponse) -> Result<(), MachineError> {

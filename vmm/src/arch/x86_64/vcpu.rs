@@ -144,6 +144,54 @@ impl KvmVcpu {
         Ok(())
     }
 
+    /// Puts the vCPU in 32-bit protected mode at `eip = entry`, paging off, with flat
+    /// 4 GiB code and data segments loaded straight into the segment registers (no GDT
+    /// in guest memory: the guest must not reload a segment register) and no IDT (an
+    /// exception shuts the vCPU down). For the bare test guests that need more than
+    /// real mode's 1 MiB.
+    pub fn setup_protected_mode(&mut self, entry: u32) -> Result<(), ArchError> {
+        let err = self.kvm_err();
+        let mut sregs = self.fd.get_sregs().map_err(&err)?;
+        let flat = |selector: u16, type_: u8| kvm_bindings::kvm_segment {
+            base: 0,
+            limit: 0xffff_ffff,
+            selector,
+            type_,
+            present: 1,
+            dpl: 0,
+            db: 1,
+            s: 1,
+            l: 0,
+            g: 1,
+            avl: 0,
+            unusable: 0,
+            padding: 0,
+        };
+        // Execute/read and read/write, both accessed.
+        sregs.cs = flat(0x08, 0xb);
+        let data = flat(0x10, 0x3);
+        sregs.ds = data;
+        sregs.es = data;
+        sregs.fs = data;
+        sregs.gs = data;
+        sregs.ss = data;
+        sregs.gdt.base = 0;
+        sregs.gdt.limit = 0;
+        sregs.idt.base = 0;
+        sregs.idt.limit = 0;
+        sregs.cr0 = (sregs.cr0 | 0x1) & !0x8000_0000;
+        sregs.cr4 = 0;
+        sregs.efer = 0;
+        self.fd.set_sregs(&sregs).map_err(&err)?;
+        let regs = kvm_bindings::kvm_regs {
+            rip: u64::from(entry),
+            rflags: 0x2,
+            ..Default::default()
+        };
+        self.fd.set_regs(&regs).map_err(&err)?;
+        Ok(())
+    }
+
     /// Enters the guest once: returns `None` when the exit was an I/O access `io`
     /// handled (run again), or why the vCPU stopped.
     pub fn run_once(&mut self, io: &dyn IoHandler) -> Result<Option<VcpuStop>, ArchError> {
