@@ -4,6 +4,8 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand, ValueEnum};
 
+use crate::api::client::{self as ctl, CtlArgs};
+use crate::api::ApiError;
 use crate::host_check::{self, HostCheckError};
 #[cfg(target_arch = "x86_64")]
 use crate::run::{self, RunArgs, RunError};
@@ -19,6 +21,9 @@ pub enum CliError {
     #[cfg(target_arch = "x86_64")]
     #[error(transparent)]
     Run(#[from] RunError),
+    /// `rangevm ctl` failed.
+    #[error(transparent)]
+    Ctl(#[from] ApiError),
     /// `rangevm stress` failed.
     #[error("Stress test failed")]
     Stress(#[from] StressError),
@@ -50,6 +55,17 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
     n.checked_mul(1 << shift)
         .filter(|&v| v > 0)
         .ok_or_else(|| format!("'{s}' is zero or too large"))
+}
+
+/// Parses a size that may be zero (a balloon of 0 bytes is a fully deflated one).
+pub fn parse_size_or_zero(s: &str) -> Result<u64, String> {
+    if s.trim()
+        .trim_end_matches(['k', 'K', 'm', 'M', 'g', 'G', 't', 'T'])
+        == "0"
+    {
+        return Ok(0);
+    }
+    parse_size(s)
 }
 
 /// Log verbosity.
@@ -106,6 +122,10 @@ enum Command {
     /// 130/143 after SIGINT/SIGTERM (clean shutdown).
     #[cfg(target_arch = "x86_64")]
     Run(RunArgs),
+    /// Talk to a running VM through its API socket (`rangevm run --api-socket PATH`):
+    /// `vm info|pause|resume|shutdown`, `dirty start|harvest|stop`, `balloon set
+    /// SIZE|stats`. Prints the VM's answer as JSON.
+    Ctl(CtlArgs),
     /// Report what this host offers rangevm: host page size, KVM (API version and
     /// the capabilities rangevm uses) and userfaultfd (needed for postcopy and the
     /// fault engine). Exits with status 1 if KVM is unusable.
@@ -128,6 +148,10 @@ pub fn run(cli: Cli) -> Result<ExitCode, CliError> {
     match cli.command {
         #[cfg(target_arch = "x86_64")]
         Command::Run(args) => Ok(run::run(args)?),
+        Command::Ctl(args) => {
+            ctl::run(&args)?;
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Stress(args) => {
             stress::run(&args)?;
             Ok(ExitCode::SUCCESS)

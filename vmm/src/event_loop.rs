@@ -2,6 +2,7 @@
 //! (power-off, reset, panic), vCPUs that exit by themselves, and serial input from
 //! standard input. It runs on the main thread until it knows how the machine ends.
 
+use std::collections::VecDeque;
 use std::io::Read;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::{Arc, Mutex};
@@ -11,6 +12,8 @@ use rangevm_devices::{GuestRequest, GuestRequests, Serial};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
 
+use crate::api::server::{self, After, ApiServer, ApiSocket, Pending};
+use crate::api::Response;
 use crate::machine::Machine;
 use crate::vcpu::VcpuExitReason;
 
@@ -39,6 +42,8 @@ pub enum Outcome {
     Signal(i32),
     /// A vCPU failed: a sentence.
     Failed(String),
+    /// `vm.shutdown` through the control API.
+    ApiShutdown,
 }
 
 /// SIGINT and SIGTERM, blocked in every thread and read from a signalfd instead.
@@ -250,11 +255,12 @@ impl MutEventSubscriber for SerialInput {
 type Subscriber = Arc<Mutex<dyn MutEventSubscriber + Send>>;
 
 /// Runs the event loop for `machine` until it ends; `stdin_to_serial` feeds standard
-/// input to the guest's serial console.
+/// input to the guest's serial console; `api` serves the control API.
 pub fn run(
     machine: &mut Machine,
     signals: Signals,
     stdin_to_serial: bool,
+    api: Option<ApiSocket>,
 ) -> Result<Outcome, EventLoopError> {
     let mut manager: EventManager<Subscriber> =
         EventManager::new().map_err(EventLoopError::Epoll)?;
@@ -290,9 +296,33 @@ pub fn run(
             open: true,
         })));
     }
+    let pending = Arc::new(Mutex::new(VecDeque::new()));
+    if let Some(socket) = api {
+        manager.add_subscriber(Arc::new(Mutex::new(ApiServer::new(
+            socket,
+            Arc::clone(&pending),
+        ))));
+    }
     // A request recorded before the loop started is not lost: the eventfd stays readable.
     loop {
         manager.run().map_err(EventLoopError::Epoll)?;
+        let requests: Vec<Pending> = pending
+            .lock()
+            .map(|mut p| p.drain(..).collect())
+            .unwrap_or_default();
+        for Pending { stream, request } in requests {
+            let (response, after) = match request {
+                Ok(command) => server::execute(machine, command),
+                Err(why) => (Response::err(why), After::Continue),
+            };
+            server::answer(stream, &response);
+            if after == After::Shutdown {
+                let mut control = control
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner);
+                control.outcome.get_or_insert(Outcome::ApiShutdown);
+            }
+        }
         let mut control = control
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);

@@ -3,6 +3,7 @@
 //! vCPU threads, migration and the stress tool. Guest memory lives in
 //! `rangevm-memory`, devices in `rangevm-devices`.
 
+pub mod api;
 pub mod arch;
 pub mod cli;
 #[cfg(target_arch = "x86_64")]

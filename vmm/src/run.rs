@@ -10,6 +10,7 @@ use std::str::FromStr;
 use clap::Args;
 use rangevm_memory::LockMode;
 
+use crate::api::server::ApiSocket;
 use crate::cli::parse_size;
 use crate::event_loop::{self, EventLoopError, Outcome, Signals};
 use crate::machine::{Machine, MachineConfig, MachineError};
@@ -44,6 +45,9 @@ pub enum RunError {
     /// The event loop failed.
     #[error("The VMM's event loop failed")]
     EventLoop(#[from] EventLoopError),
+    /// The API socket could not be set up.
+    #[error("Cannot serve the control API")]
+    Api(#[from] crate::api::ApiError),
     /// A vCPU failed while the guest ran.
     #[error("The guest stopped: {0}")]
     Vcpu(String),
@@ -80,7 +84,7 @@ impl FromStr for SerialTarget {
 
 /// Boot a guest kernel and run it.
 ///
-/// Exit status: 0 the guest powered off; 1 the VMM failed (standard error says why);
+/// Exit status: 0 the guest powered off (or was shut down through the API); 1 the VMM failed (standard error says why);
 /// 2 bad command line; 3 the guest reset (reboot); 4 a vCPU triple-faulted; 5 the
 /// guest kernel panicked (reported through pvpanic); 130 and 143 after SIGINT
 /// (Ctrl-C) and SIGTERM, which stop the guest and shut down cleanly.
@@ -112,6 +116,9 @@ pub struct RunArgs {
     /// input as its input), file:PATH, or null.
     #[arg(long, value_name = "TARGET", default_value = "stdio")]
     pub serial: SerialTarget,
+    /// Serve the control API on this Unix socket (`rangevm ctl --api-socket PATH ...`).
+    #[arg(long, value_name = "PATH")]
+    pub api_socket: Option<PathBuf>,
 }
 
 /// Standard output as an unbuffered writer (the guest's console appears as it types).
@@ -166,6 +173,11 @@ impl Drop for RawTerminal {
 pub fn run(args: RunArgs) -> Result<ExitCode, RunError> {
     // Before any thread starts, so every thread inherits the blocked mask.
     let signals = Signals::block()?;
+    let api = args
+        .api_socket
+        .as_deref()
+        .map(ApiSocket::bind)
+        .transpose()?;
     let serial_out: Box<dyn Write + Send> = match &args.serial {
         SerialTarget::Stdio => stdout_writer()?,
         SerialTarget::File(path) => {
@@ -184,11 +196,15 @@ pub fn run(args: RunArgs) -> Result<ExitCode, RunError> {
     })?;
     let stdin_to_serial = args.serial == SerialTarget::Stdio;
     let terminal = stdin_to_serial.then(RawTerminal::enter);
-    let outcome = event_loop::run(&mut machine, signals, stdin_to_serial);
+    let outcome = event_loop::run(&mut machine, signals, stdin_to_serial, api);
     machine.stop();
     drop(terminal);
     let code = match outcome? {
         Outcome::Guest(GuestRequest::PowerOff) => EXIT_POWER_OFF,
+        Outcome::ApiShutdown => {
+            log::info!("Shut down through the control API");
+            EXIT_POWER_OFF
+        }
         Outcome::Guest(GuestRequest::Reset) => {
             log::info!("The guest reset itself");
             EXIT_RESET

@@ -1,0 +1,209 @@
+//! The control API of a running VM: a small versioned JSON protocol on a Unix socket
+//! (`rangevm run --api-socket PATH`), and its client (`rangevm ctl`).
+//!
+//! One request per connection: the client connects, writes one JSON object and a
+//! newline, reads one JSON object and a newline back, and closes.
+//!
+//! ```text
+//! -> {"version":1,"command":"vm.info"}
+//! <- {"version":1,"ok":true,"result":{"state":"running","cpus":2,...}}
+//! -> {"version":1,"command":"balloon.set","args":{"bytes":268435456}}
+//! <- {"version":1,"ok":false,"error":"This VM has no balloon device"}
+//! ```
+//!
+//! Commands: `vm.info`, `vm.pause`, `vm.resume`, `vm.shutdown`, `dirty.start`,
+//! `dirty.harvest`, `dirty.stop`, `balloon.set` (`args.bytes`), `balloon.stats`. A
+//! request that makes no sense (not JSON, another version, an unknown command, bad
+//! arguments, longer than [`MAX_REQUEST`]) gets `ok: false` with a sentence, and the VM
+//! keeps running.
+
+pub mod client;
+#[cfg(target_arch = "x86_64")]
+pub mod server;
+
+use serde::{Deserialize, Serialize};
+
+/// The protocol version this build speaks.
+pub const VERSION: u32 = 1;
+/// The longest request accepted, in bytes.
+pub const MAX_REQUEST: usize = 64 * 1024;
+
+/// Errors of the control API.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    /// The socket could not be created or reached.
+    #[error("Cannot use the API socket {path}")]
+    Socket {
+        /// Its path.
+        path: std::path::PathBuf,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The connection failed mid-request.
+    #[error("The API connection failed")]
+    Io(#[source] std::io::Error),
+    /// The answer was not a protocol response.
+    #[error("The VM's answer is not an API response: {0}")]
+    BadResponse(String),
+    /// The VM refused the request.
+    #[error("The VM refused the request: {0}")]
+    Refused(String),
+}
+
+/// A request as it travels.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Request {
+    /// Protocol version.
+    pub version: u32,
+    /// `vm.info`, `balloon.set`, ...
+    pub command: String,
+    /// Command arguments.
+    #[serde(default, skip_serializing_if = "serde_json::Value::is_null")]
+    pub args: serde_json::Value,
+}
+
+/// A response as it travels.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Response {
+    /// Protocol version.
+    pub version: u32,
+    /// Whether the command was carried out.
+    pub ok: bool,
+    /// Its result.
+    #[serde(default, skip_serializing_if = "serde_json::Value::is_null")]
+    pub result: serde_json::Value,
+    /// Why not.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+impl Response {
+    /// A success.
+    pub fn ok(result: serde_json::Value) -> Self {
+        Response {
+            version: VERSION,
+            ok: true,
+            result,
+            error: None,
+        }
+    }
+
+    /// A refusal, with a sentence.
+    pub fn err(why: impl Into<String>) -> Self {
+        Response {
+            version: VERSION,
+            ok: false,
+            result: serde_json::Value::Null,
+            error: Some(why.into()),
+        }
+    }
+
+    /// The line that goes on the wire.
+    pub fn to_line(&self) -> String {
+        let mut line = serde_json::to_string(self).unwrap_or_else(|_| {
+            String::from(r#"{"version":1,"ok":false,"error":"Internal error"}"#)
+        });
+        line.push('\n');
+        line
+    }
+}
+
+/// What a request asks for, checked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Command {
+    /// `vm.info`.
+    VmInfo,
+    /// `vm.pause`.
+    VmPause,
+    /// `vm.resume`.
+    VmResume,
+    /// `vm.shutdown`: stop the guest and exit rangevm.
+    VmShutdown,
+    /// `dirty.start`.
+    DirtyStart,
+    /// `dirty.harvest`.
+    DirtyHarvest,
+    /// `dirty.stop`.
+    DirtyStop,
+    /// `balloon.set` to this many bytes.
+    BalloonSet(u64),
+    /// `balloon.stats`.
+    BalloonStats,
+}
+
+/// Parses one request line; the error is the sentence the client gets back.
+pub fn parse_request(line: &[u8]) -> Result<Command, String> {
+    let request: Request = serde_json::from_slice(line)
+        .map_err(|e| format!("The request is not a JSON API request ({e})"))?;
+    if request.version != VERSION {
+        return Err(format!(
+            "Protocol version {} is not spoken here (this VM speaks {VERSION})",
+            request.version
+        ));
+    }
+    Ok(match request.command.as_str() {
+        "vm.info" => Command::VmInfo,
+        "vm.pause" => Command::VmPause,
+        "vm.resume" => Command::VmResume,
+        "vm.shutdown" => Command::VmShutdown,
+        "dirty.start" => Command::DirtyStart,
+        "dirty.harvest" => Command::DirtyHarvest,
+        "dirty.stop" => Command::DirtyStop,
+        "balloon.stats" => Command::BalloonStats,
+        "balloon.set" => Command::BalloonSet(
+            request
+                .args
+                .get("bytes")
+                .and_then(serde_json::Value::as_u64)
+                .ok_or("balloon.set needs args.bytes, a number of bytes")?,
+        ),
+        other => return Err(format!("Unknown command '{other}'")),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_parse_and_bad_ones_get_a_sentence() {
+        assert_eq!(
+            parse_request(br#"{"version":1,"command":"vm.info"}"#),
+            Ok(Command::VmInfo)
+        );
+        assert_eq!(
+            parse_request(br#"{"version":1,"command":"balloon.set","args":{"bytes":4096}}"#),
+            Ok(Command::BalloonSet(4096))
+        );
+        for (bad, says) in [
+            (&b"\x00\xffgarbage"[..], "not a JSON"),
+            (br#"{"version":2,"command":"vm.info"}"#, "version 2"),
+            (
+                br#"{"version":1,"command":"vm.fly"}"#,
+                "Unknown command 'vm.fly'",
+            ),
+            (br#"{"version":1,"command":"balloon.set"}"#, "args.bytes"),
+            (
+                br#"{"version":1,"command":"balloon.set","args":{"bytes":-1}}"#,
+                "args.bytes",
+            ),
+            (br#"[1,2,3]"#, "not a JSON"),
+        ] {
+            let err = parse_request(bad).unwrap_err();
+            assert!(err.contains(says), "{err}");
+        }
+    }
+
+    #[test]
+    fn responses_round_trip() {
+        let ok = Response::ok(serde_json::json!({"cpus": 2}));
+        let back: Response = serde_json::from_str(ok.to_line().trim()).unwrap();
+        assert_eq!(back, ok);
+        let err = Response::err("No");
+        assert_eq!(
+            err.to_line(),
+            "{\"version\":1,\"ok\":false,\"error\":\"No\"}\n"
+        );
+    }
+}
