@@ -6,6 +6,7 @@
 //!   i8042 reset line, the hardware-reduced ACPI power-management block and QEMU's
 //!   pvpanic. The code is arch-neutral; only the port numbers (in the VMM's
 //!   `arch::layout`) are x86_64's.
+//! - [`virtio`]: the virtio-mmio transport and virtio devices (the balloon).
 //! - [`GuestRequests`]: how those devices tell the VMM that the guest asked to power
 //!   off, reset or report a panic.
 //!
@@ -20,10 +21,15 @@ use vmm_sys_util::eventfd::{EventFd, EFD_CLOEXEC, EFD_NONBLOCK};
 pub mod bus;
 pub mod legacy;
 pub mod ratelimit;
+pub mod virtio;
 
 pub use bus::{Bus, BusDevice, BusError};
 pub use legacy::{AcpiPm, AcpiPmError, PvPanic, Serial, SerialError, SerialMetrics, I8042};
 pub use ratelimit::LogLimiter;
+pub use virtio::{
+    Balloon, BalloonConfig, BalloonError, BalloonMetrics, BalloonStats, MmioError, MmioTransport,
+    VirtioDevice, VirtioError, VirtioInterrupt,
+};
 
 #[doc(hidden)]
 pub use log as __log;
