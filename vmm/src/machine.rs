@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use rangevm_devices::{Bus, GuestRequests, GuestRequestsError, Serial};
+use rangevm_devices::{Balloon, Bus, GuestRequests, GuestRequestsError, MmioTransport, Serial};
 use rangevm_memory::{host_page_size, DirtyLog, GuestRam, GuestRamError, HarvestStats, LockMode};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
@@ -127,6 +127,7 @@ impl IoHandler for MachineIo {
 pub struct Machine {
     vcpus: Vec<VcpuHandle>,
     serial: Arc<Mutex<Serial>>,
+    balloon: Arc<Mutex<MmioTransport<Balloon>>>,
     requests: Arc<GuestRequests>,
     vcpu_exited: Arc<EventFd>,
     info: MachineInfo,
@@ -187,6 +188,7 @@ impl Machine {
                 initrd: cfg.initrd.as_deref(),
                 cmdline: &cfg.cmdline,
                 cpus,
+                mmio_devices: devices.mmio_devices.clone(),
             },
         )?;
         log::info!(
@@ -203,7 +205,7 @@ impl Machine {
         }
         let io = Arc::new(MachineIo {
             pio: devices.pio,
-            mmio: Bus::new(),
+            mmio: devices.mmio,
         });
         let vcpu_exited = Arc::new(EventFd::new(EFD_NONBLOCK).map_err(MachineError::EventFd)?);
         let info = MachineInfo {
@@ -222,6 +224,7 @@ impl Machine {
         let mut machine = Machine {
             vcpus: Vec::new(),
             serial: devices.serial,
+            balloon: devices.balloon,
             requests,
             vcpu_exited,
             info,
@@ -280,6 +283,11 @@ impl Machine {
         self.send_all(VcpuEvent::Resume, &VcpuResponse::Resumed)?;
         self.info.state = "running";
         Ok(())
+    }
+
+    /// The virtio balloon.
+    pub fn balloon(&self) -> &Arc<Mutex<MmioTransport<Balloon>>> {
+        &self.balloon
     }
 
     /// What the machine is.

@@ -168,13 +168,21 @@ fn requests_that_make_no_sense_are_refused_and_the_vm_keeps_running() {
     // A client that connects and leaves without a word changes nothing.
     drop(UnixStream::connect(&vm.socket).unwrap());
     // ctl reports a refusal with exit 1 and the VM's sentence.
-    let out = vm.ctl(&["balloon", "set", "16M"]);
+    let out = vm.ctl(&["balloon", "set", "1G"]);
     assert_eq!(out.status.code(), Some(1));
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
-        stderr.starts_with("rangevm: ") && stderr.contains("balloon"),
+        stderr.starts_with("rangevm: ") && stderr.contains("larger than the guest's"),
         "{stderr}"
     );
+    // A sensible target is taken even before a driver runs (this guest has none).
+    let set = vm.ok(&["balloon", "set", "16M"]);
+    assert_eq!(set["target_bytes"], 16 << 20, "{set}");
+    assert_eq!(set["driver_active"], false, "{set}");
+    let stats = vm.ok(&["balloon", "stats"]);
+    assert_eq!(stats["target_bytes"], 16 << 20, "{stats}");
+    assert_eq!(stats["actual_bytes"], 0, "{stats}");
+    assert_eq!(vm.ok(&["balloon", "set", "0"])["target_bytes"], 0);
     // Still running and answering.
     assert_eq!(vm.ok(&["vm", "info"])["state"], "running");
     let out = vm.ctl(&["vm", "fly"]);

@@ -372,7 +372,16 @@ impl<D: VirtioDevice> MmioTransport<D> {
             .device
             .activate(self.driver_features, queues, Arc::clone(&self.ram))
         {
-            Ok(()) => self.activated = true,
+            Ok(()) => {
+                self.activated = true;
+                // Drivers may make buffers available before DRIVER_OK (Linux's balloon
+                // queues its first statistics buffer then); serve them now.
+                for index in 0..self.queues.len() {
+                    if self.queues[index].ready {
+                        self.device.process_queue(index);
+                    }
+                }
+            }
             Err(e) => {
                 let chain = error_chain(&e);
                 self.bad(format_args!("{chain}; the device needs a reset"));

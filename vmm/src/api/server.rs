@@ -249,9 +249,8 @@ pub fn execute(machine: &mut Machine, command: Command) -> (Response, After) {
             })),
             Err(e) => fail(&e),
         },
-        Command::BalloonSet(_) | Command::BalloonStats => {
-            Response::err("This VM has no balloon device yet")
-        }
+        Command::BalloonSet(bytes) => balloon_set(machine, bytes),
+        Command::BalloonStats => balloon_stats(machine),
     };
     (response, After::Continue)
 }
@@ -277,4 +276,66 @@ pub fn answer(mut stream: UnixStream, response: &Response) {
             Ok(n) => left = left.saturating_sub(n),
         }
     }
+}
+
+/// The balloon's unit: 4 KiB pages, whatever the host page size.
+const BALLOON_PAGE: u64 = 4096;
+
+fn balloon_set(machine: &Machine, bytes: u64) -> Response {
+    let memory = machine.info().memory_bytes;
+    if bytes > memory {
+        return Response::err(format!(
+            "A balloon of {bytes} bytes is larger than the guest's {memory} bytes of memory"
+        ));
+    }
+    let Ok(pages) = u32::try_from(bytes / BALLOON_PAGE) else {
+        return Response::err("The balloon target is too large for the virtio balloon");
+    };
+    let Ok(mut balloon) = machine.balloon().lock() else {
+        return Response::err("The balloon device is unusable after an earlier failure");
+    };
+    balloon.device_mut().set_target_pages(pages);
+    Response::ok(json!({
+        "target_bytes": u64::from(pages) * BALLOON_PAGE,
+        "actual_bytes": u64::from(balloon.device().actual_pages()) * BALLOON_PAGE,
+        "driver_active": balloon.is_activated(),
+    }))
+}
+
+fn balloon_stats(machine: &Machine) -> Response {
+    let Ok(mut balloon) = machine.balloon().lock() else {
+        return Response::err("The balloon device is unusable after an earlier failure");
+    };
+    // Hand the statistics buffer back so the guest refreshes it; the answer carries
+    // the latest values received (`updates` counts the refreshes).
+    let refreshing = balloon.device_mut().request_stats();
+    let device = balloon.device();
+    let stats: serde_json::Map<String, serde_json::Value> = device
+        .stats()
+        .values
+        .iter()
+        .map(|(&tag, &value)| {
+            let name = rangevm_devices::BalloonStats::tag_name(tag)
+                .map_or_else(|| format!("tag_{tag}"), str::to_string);
+            (name, json!(value))
+        })
+        .collect();
+    let m = device.metrics();
+    let get = |c: &std::sync::atomic::AtomicU64| c.load(std::sync::atomic::Ordering::Relaxed);
+    Response::ok(json!({
+        "driver_active": balloon.is_activated(),
+        "target_bytes": u64::from(device.target_pages()) * BALLOON_PAGE,
+        "actual_bytes": u64::from(device.actual_pages()) * BALLOON_PAGE,
+        "updates": device.stats().updates,
+        "refresh_requested": refreshing,
+        "stats": stats,
+        "host": {
+            "bytes_discarded": get(&m.bytes_discarded),
+            "bytes_reclaimed": get(&m.bytes_reclaimed),
+            "pages_inflated": get(&m.pages_inflated),
+            "pages_deflated": get(&m.pages_deflated),
+            "guest_errors": get(&m.guest_errors),
+            "memory_errors": get(&m.memory_errors),
+        },
+    }))
 }

@@ -17,10 +17,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use hdrhistogram::Histogram;
-use rangevm_memory::{FaultEngine, FaultEngineConfig, GuestRam, LockMode, PageContent, PageSource};
+use rangevm_memory::{FaultEngine, FaultEngineConfig, GuestRam, PageContent, PageSource};
 
 use super::report::{latency_histogram, merge, Report};
-use super::{expected, Engine, Pattern, Shared, StressArgs, StressError};
+use super::{expected, Engine, MemLock, Pattern, Shared, StressArgs, StressError};
 use crate::arch::{IoHandler, KvmVcpu, KvmVm, VcpuStop};
 
 /// The guest reads its parameters here, one 32-bit IN each.
@@ -242,11 +242,11 @@ fn check(args: &StressArgs, page: u64) -> Result<u64, StressError> {
 }
 
 /// One run of the kvm engine in lock mode `mode`.
-pub(super) fn run_one(args: &StressArgs, mode: LockMode) -> Result<Report, StressError> {
+pub(super) fn run_one(args: &StressArgs, mode: MemLock) -> Result<Report, StressError> {
     let page = rangevm_memory::host_page_size();
     let memory = check(args, page)?;
-    let ram = Arc::new(GuestRam::new_missing(mode, &[(0, memory)])?);
-    let engine = FaultEngine::start(
+    let ram = Arc::new(GuestRam::new_missing(mode.ram_mode(), &[(0, memory)])?);
+    let engine = FaultEngine::start_with(
         Arc::clone(&ram),
         Arc::new(GuestSource {
             page_size: page,
@@ -256,6 +256,7 @@ pub(super) fn run_one(args: &StressArgs, mode: LockMode) -> Result<Report, Stres
             handlers: args.handlers as usize,
             shards: args.shards.unwrap_or(args.handlers) as usize,
         },
+        mode.locking(),
     )?;
     let shards = engine.shards();
     let vm = KvmVm::new(Arc::clone(&ram))?;
@@ -303,6 +304,7 @@ pub(super) fn run_one(args: &StressArgs, mode: LockMode) -> Result<Report, Stres
     Ok(Report {
         engine: Engine::Kvm,
         mode,
+        round: 1,
         shards,
         seconds,
         touches: shared.touches.load(Ordering::Relaxed),

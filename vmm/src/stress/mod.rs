@@ -11,7 +11,14 @@
 //! write lock) so the next touch faults again. Optional churn: a thread discarding and
 //! reclaiming random 64 KiB runs, and a thread harvesting the dirty bitmap in 2 MiB
 //! chunks under read locks. Latencies go into HDR histograms; `--plot` draws them.
+//!
+//! `--mem-lock none` runs the same fault engine with no lock around the resolution
+//! ([`Locking::None`]), the baseline for what the range lock costs a fault's round trip.
+//! It is stress-only and refuses balloon churn (nothing would exclude a discard from a
+//! racing resolution). `--compare none,range,global` runs the listed modes back to back
+//! on the same work, `--rounds` times, and prints them side by side with their ratios.
 
+mod compare;
 #[cfg(target_arch = "x86_64")]
 mod kvm;
 mod plot;
@@ -24,6 +31,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use clap::{Args, ValueEnum};
+use rangevm_memory::fault_engine::Locking;
 use rangevm_memory::{
     FaultEngineError, GuestRam, GuestRamError, LockMode, PageContent, PageSource,
 };
@@ -97,6 +105,49 @@ impl std::fmt::Display for Engine {
     }
 }
 
+/// How the stress run locks guest memory: the two modes of the range lock, or (a
+/// benchmark baseline only) no lock at all around fault resolution.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum MemLock {
+    /// No lock around fault resolution: the baseline for the lock's cost. Refuses
+    /// --balloon-churn (nothing would exclude a discard from a racing resolution).
+    None,
+    /// Each operation locks only the guest-physical range it touches.
+    Range,
+    /// One lock for all of guest memory.
+    Global,
+}
+
+impl MemLock {
+    /// The lock mode guest RAM is built with. With `none` the workers' own give-backs
+    /// (outside the timed touch) still lock their page in range mode; only the fault
+    /// engine skips the lock.
+    pub fn ram_mode(self) -> LockMode {
+        match self {
+            MemLock::None | MemLock::Range => LockMode::Range,
+            MemLock::Global => LockMode::Global,
+        }
+    }
+
+    /// What the fault engine locks around each resolution.
+    pub fn locking(self) -> Locking {
+        match self {
+            MemLock::None => Locking::None,
+            MemLock::Range | MemLock::Global => Locking::Range,
+        }
+    }
+}
+
+impl std::fmt::Display for MemLock {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            MemLock::None => "none",
+            MemLock::Range => "range",
+            MemLock::Global => "global",
+        })
+    }
+}
+
 /// Options of `rangevm stress`.
 #[derive(Debug, Clone, Args)]
 pub struct StressArgs {
@@ -109,9 +160,10 @@ pub struct StressArgs {
     /// How workers pick the pages they touch.
     #[arg(long, value_enum, default_value = "disjoint")]
     pub pattern: Pattern,
-    /// Lock guest memory by range, or with one lock for all of it.
-    #[arg(long, default_value = "range", value_parser = parse_mode)]
-    pub mem_lock: LockMode,
+    /// Lock guest memory by range, with one lock for all of it, or (`none`, stress only:
+    /// a benchmark baseline) take no lock around fault resolution at all.
+    #[arg(long, value_enum, default_value = "range")]
+    pub mem_lock: MemLock,
     /// What touches the memory: host threads, or KVM vCPUs running a tiny guest.
     #[arg(long, value_enum, default_value = "threads")]
     pub engine: Engine,
@@ -130,9 +182,16 @@ pub struct StressArgs {
     /// Also harvest the dirty bitmap every N milliseconds, in 2 MiB chunks (0: off).
     #[arg(long, default_value_t = 0)]
     pub harvest_interval: u64,
-    /// Run range mode and global mode back to back on the same work; print the ratio.
-    #[arg(long)]
-    pub compare: bool,
+    /// Run these lock modes back to back on the same work (comma-separated; alone:
+    /// range,global) and print them side by side with range's ratios to the others,
+    /// e.g. `--compare none,range,global`. Overrides --mem-lock.
+    #[arg(long, value_enum, value_name = "MODES", num_args = 0..=1, value_delimiter = ',',
+          default_missing_value = "range,global")]
+    pub compare: Option<Vec<MemLock>>,
+    /// Repeat the whole comparison this many times, modes interleaved, and print each
+    /// round's ratios and their medians (noisy hosts).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=100))]
+    pub rounds: u32,
     /// Print one JSON object per run instead of text.
     #[arg(long)]
     pub json: bool,
@@ -180,24 +239,25 @@ pub fn run(args: &StressArgs) -> Result<(), StressError> {
             )));
         }
     }
-    let modes: Vec<LockMode> = if args.compare {
-        vec![LockMode::Range, LockMode::Global]
-    } else {
-        vec![args.mem_lock]
-    };
+    let modes = modes(args)?;
     let mut reports = Vec::new();
-    for mode in modes {
-        let report = run_one(args, mode)?;
-        report.print(args);
-        reports.push(report);
-    }
-    if let [range, global] = reports.as_slice() {
-        if !args.json {
-            println!(
-                "range / global throughput: {:.2}x",
-                range.faults_per_sec() / global.faults_per_sec().max(1e-9)
-            );
+    let mut all_ratios = Vec::new();
+    for round in 1..=args.rounds {
+        let mut this_round = Vec::with_capacity(modes.len());
+        for &mode in &modes {
+            let mut report = run_one(args, mode)?;
+            report.round = round;
+            report.print(args);
+            this_round.push(report);
         }
+        if !args.json && modes.len() > 1 {
+            compare::print_round(&this_round, round, args.rounds);
+        }
+        all_ratios.push(compare::ratios(&this_round));
+        reports.extend(this_round);
+    }
+    if !args.json && modes.len() > 1 && args.rounds > 1 {
+        compare::print_medians(&all_ratios);
     }
     if let Some(path) = &args.plot {
         plot::latency_cdf(path, args, &reports).map_err(|source| StressError::Plot {
@@ -211,7 +271,34 @@ pub fn run(args: &StressArgs) -> Result<(), StressError> {
     Ok(())
 }
 
-fn run_one(args: &StressArgs, mode: LockMode) -> Result<Report, StressError> {
+/// The lock modes to run, in order: `--compare`'s list (each once), or `--mem-lock`.
+fn modes(args: &StressArgs) -> Result<Vec<MemLock>, StressError> {
+    let mut modes = Vec::new();
+    match &args.compare {
+        Some(list) => {
+            for &mode in list {
+                if !modes.contains(&mode) {
+                    modes.push(mode);
+                }
+            }
+        }
+        None => modes.push(args.mem_lock),
+    }
+    if modes.is_empty() {
+        return Err(StressError::Option(
+            "--compare needs lock modes to compare, e.g. --compare none,range,global".to_string(),
+        ));
+    }
+    if args.balloon_churn && modes.contains(&MemLock::None) {
+        return Err(StressError::Option(
+            "Lock mode none (a benchmark baseline) takes no lock around fault resolution, so nothing would keep a balloon discard from racing one: it cannot run with --balloon-churn (compare range and global instead)"
+                .to_string(),
+        ));
+    }
+    Ok(modes)
+}
+
+fn run_one(args: &StressArgs, mode: MemLock) -> Result<Report, StressError> {
     match args.engine {
         Engine::Threads => threads::run_one(args, mode),
         #[cfg(target_arch = "x86_64")]

@@ -1,9 +1,7 @@
 //! One run's figures, as text or JSON.
 
+use super::{Engine, MemLock, StressArgs};
 use hdrhistogram::Histogram;
-use rangevm_memory::LockMode;
-
-use super::{Engine, StressArgs};
 
 /// Highest latency a histogram tells apart: one hour, in nanoseconds. Longer ones
 /// count as one hour.
@@ -27,7 +25,9 @@ pub(super) fn merge(into: &mut Histogram<u64>, from: &Histogram<u64>) {
 #[derive(Debug, Clone)]
 pub struct Report {
     pub(super) engine: Engine,
-    pub(super) mode: LockMode,
+    pub(super) mode: MemLock,
+    /// Which round of `--rounds` (1 when there is one).
+    pub(super) round: u32,
     pub(super) shards: usize,
     pub(super) seconds: f64,
     pub(super) touches: u64,
@@ -75,7 +75,7 @@ impl Report {
     pub fn to_json(&self, args: &StressArgs) -> String {
         let [p50, p99, p999, max] = self.percentiles_ns();
         format!(
-            "{{\"engine\":\"{}\",\"mem_lock\":\"{}\",\"pattern\":\"{:?}\",\"workers\":{},\"handlers\":{},\"shards\":{},\"memory\":{},\"seconds\":{:.3},\"touches\":{},\"faults\":{},\"faults_per_sec\":{:.0},\"latency_ns\":{{\"p50\":{p50},\"p99\":{p99},\"p999\":{p999},\"max\":{max}}},\"lock_waits\":{},\"lock_wait_ms\":{:.3},\"disjoint_waits\":{},\"churn_ops\":{},\"harvests\":{},\"wrong_content\":{}}}",
+            "{{\"engine\":\"{}\",\"mem_lock\":\"{}\",\"pattern\":\"{:?}\",\"workers\":{},\"handlers\":{},\"shards\":{},\"memory\":{},\"seconds\":{:.3},\"touches\":{},\"faults\":{},\"faults_per_sec\":{:.0},\"latency_ns\":{{\"p50\":{p50},\"p99\":{p99},\"p999\":{p999},\"max\":{max}}},\"lock_waits\":{},\"lock_wait_ms\":{:.3},\"disjoint_waits\":{},\"churn_ops\":{},\"harvests\":{},\"wrong_content\":{},\"round\":{}}}",
             self.engine,
             self.mode,
             args.pattern,
@@ -92,7 +92,8 @@ impl Report {
             self.disjoint_waits,
             self.churn_ops,
             self.harvests,
-            self.wrong_content
+            self.wrong_content,
+            self.round
         )
     }
 
@@ -164,7 +165,8 @@ mod tests {
         }
         Report {
             engine: Engine::Threads,
-            mode: LockMode::Range,
+            mode: MemLock::Range,
+            round: 1,
             shards: 1,
             seconds: 2.0,
             touches: samples.len() as u64,

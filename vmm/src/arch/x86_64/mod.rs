@@ -83,6 +83,12 @@ pub enum ArchError {
     /// The ACPI power-management device could not be created.
     #[error("Cannot create the ACPI power-management device")]
     AcpiPm(#[from] rangevm_devices::AcpiPmError),
+    /// A virtio-mmio device could not be created.
+    #[error("Cannot create a virtio-mmio device")]
+    Mmio(#[from] rangevm_devices::MmioError),
+    /// A device's lock was poisoned by a panic elsewhere.
+    #[error("A device is unusable after an earlier failure")]
+    DevicePoisoned,
     /// An eventfd could not be created.
     #[error("Cannot create an eventfd")]
     EventFd(#[source] std::io::Error),

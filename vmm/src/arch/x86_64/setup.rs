@@ -5,15 +5,18 @@ use std::io::Write;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 
-use rangevm_devices::{AcpiPm, Bus, GuestRequests, PvPanic, Serial, I8042};
+use rangevm_devices::{
+    AcpiPm, Balloon, BalloonConfig, Bus, GuestRequests, MmioTransport, PvPanic, Serial, I8042,
+};
 use rangevm_memory::GuestRam;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use super::acpi::{create_acpi_tables, AcpiConfig};
+use super::acpi::{create_acpi_tables, AcpiConfig, MmioDevice};
 use super::boot::{load_kernel, BootConfig, EntryPoint};
 use super::layout::{
     ACPI_PM_PORT, ACPI_PM_PORT_LEN, ACPI_RESET_VALUE, ACPI_S5_SLEEP_TYPE, COM1_GSI, COM1_PORT,
-    COM1_PORT_LEN, I8042_PORT, I8042_PORT_LEN, PVPANIC_PORT,
+    COM1_PORT_LEN, I8042_PORT, I8042_PORT_LEN, PVPANIC_PORT, VIRTIO_MMIO_FIRST_GSI,
+    VIRTIO_MMIO_SIZE, VIRTIO_MMIO_START,
 };
 use super::mptable::{self, setup_mptable};
 use super::regs::write_boot_tables;
@@ -30,6 +33,8 @@ pub struct SystemConfig<'a> {
     pub cmdline: &'a str,
     /// vCPUs (1..=254).
     pub cpus: u8,
+    /// The virtio-mmio devices, for the DSDT.
+    pub mmio_devices: Vec<MmioDevice>,
 }
 
 /// Writes everything the guest reads at boot into `ram` and loads the kernel; returns
@@ -51,7 +56,7 @@ pub fn configure_system(ram: &GuestRam, cfg: &SystemConfig<'_>) -> Result<EntryP
         ram,
         &AcpiConfig {
             cpus: cfg.cpus,
-            mmio_devices: Vec::new(),
+            mmio_devices: cfg.mmio_devices.clone(),
         },
     )?;
     let entry = load_kernel(
@@ -66,17 +71,24 @@ pub fn configure_system(ram: &GuestRam, cfg: &SystemConfig<'_>) -> Result<EntryP
     Ok(entry)
 }
 
-/// The legacy devices, on the port bus.
+/// The machine's devices, on the port and MMIO buses.
 #[derive(Debug)]
 pub struct LegacyDevices {
     /// The port-I/O bus.
     pub pio: Bus,
+    /// The MMIO bus (virtio-mmio devices).
+    pub mmio: Bus,
     /// COM1 (the event loop feeds it input).
     pub serial: Arc<Mutex<Serial>>,
+    /// The virtio balloon.
+    pub balloon: Arc<Mutex<MmioTransport<Balloon>>>,
+    /// Where the virtio-mmio devices are, for the ACPI tables.
+    pub mmio_devices: Vec<MmioDevice>,
 }
 
 /// Creates COM1 (interrupt through an irqfd on GSI 4), the i8042 reset line, the ACPI
-/// power-management block and pvpanic, and puts them on a port bus.
+/// power-management block and pvpanic on the port bus, and the virtio balloon on the
+/// MMIO bus (the first virtio-mmio window, the first virtio GSI).
 pub fn create_legacy_devices(
     vm: &KvmVm,
     requests: &Arc<GuestRequests>,
@@ -110,5 +122,30 @@ pub fn create_legacy_devices(
         u64::from(PVPANIC_PORT),
         1,
     )?;
-    Ok(LegacyDevices { pio, serial })
+    let mut mmio = Bus::new();
+    let balloon = Arc::new(Mutex::new(MmioTransport::new(
+        Balloon::new(BalloonConfig::default()),
+        Arc::clone(vm.ram()),
+    )?));
+    let gsi = VIRTIO_MMIO_FIRST_GSI;
+    vm.register_irqfd(
+        balloon
+            .lock()
+            .map_err(|_| ArchError::DevicePoisoned)?
+            .interrupt()
+            .eventfd(),
+        gsi,
+    )?;
+    mmio.insert(balloon.clone(), VIRTIO_MMIO_START, VIRTIO_MMIO_SIZE)?;
+    Ok(LegacyDevices {
+        pio,
+        mmio,
+        serial,
+        balloon,
+        mmio_devices: vec![MmioDevice {
+            base: VIRTIO_MMIO_START,
+            size: VIRTIO_MMIO_SIZE,
+            gsi,
+        }],
+    })
 }
