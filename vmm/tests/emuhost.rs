@@ -138,9 +138,9 @@ cat /tmp/out | grep -E 'AVAIL-|FILLED'
     let out = &console.output;
     let value = |key: &str| -> u64 {
         out.lines()
+            .rev()
             .filter_map(|l| l.trim().strip_prefix(key))
-            .filter_map(|rest| rest.split_whitespace().next()?.parse().ok())
-            .last()
+            .find_map(|rest| rest.split_whitespace().next()?.parse().ok())
             .unwrap_or_else(|| panic!("no {key} in:\n{out}"))
     };
     assert!(out.contains("BALLOON-VM-END status=0"), "{out}");
