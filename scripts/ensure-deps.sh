@@ -2,7 +2,8 @@
 # Installs what building and testing rangevm needs and is not already there, so that
 # scripts/test.sh and .ci/run work on a fresh Debian (bookworm) machine.
 #
-#   scripts/ensure-deps.sh          cross toolchain, qemu-user and qemu-system-x86 (apt), ppc64le Rust target
+#   scripts/ensure-deps.sh          cross toolchain, qemu-user and qemu-system-x86 (apt), ppc64le Rust target,
+#                                   a nightly toolchain and cargo-fuzz (for the fuzz step)
 #   scripts/ensure-deps.sh --lint   the same, plus the rustfmt and clippy components
 #
 # Idempotent: does nothing (and touches no network) when everything is present. apt runs
@@ -102,6 +103,15 @@ if command -v rustup >/dev/null 2>&1; then
                 rustup -q component add "$comp" </dev/null
             fi
         done
+    fi
+    # Fuzzing (cargo fuzz) needs a nightly toolchain and cargo-fuzz.
+    if ! rustup toolchain list | grep -q '^nightly'; then
+        log "rustup toolchain install nightly (for cargo fuzz)"
+        rustup -q toolchain install nightly --profile minimal </dev/null
+    fi
+    if ! cargo fuzz --version >/dev/null 2>&1; then
+        log "cargo install cargo-fuzz (about a minute)"
+        cargo install -q --locked cargo-fuzz </dev/null
     fi
 else
     # A toolchain without rustup: the target's standard library must already be there.

@@ -8,6 +8,7 @@
 #   4. loom      RUSTFLAGS="--cfg loom" cargo test -p rangevm-memory --release --test loom_range_lock
 #                (model checking of the range lock's small cases, every interleaving with up to
 #                5 preemptions, ~15 s; own target dir so the normal build cache stays)
+#   5. fuzz      cargo +nightly fuzz build, then every target runs FUZZ_SECONDS (default 20) s
 # Installs missing prerequisites first (scripts/ensure-deps.sh). Every step runs even if an
 # earlier one failed; the exit status is non-zero if any failed. Ends with a summary line.
 set -euo pipefail
@@ -96,6 +97,23 @@ else
     # Not skipped silently: the loom model check is part of the suite.
     run_step loom \
         sh -c 'echo "memory/tests/loom_range_lock.rs is missing" >&2; exit 1'
+fi
+
+# Fuzz targets of the guest-facing parsers (fuzz/, a cargo-fuzz workspace of its own):
+# built, then each run briefly (FUZZ_SECONDS, default 20) from an empty corpus.
+FUZZ_SECONDS="${FUZZ_SECONDS:-20}"
+if command -v rustup >/dev/null 2>&1 && cargo fuzz --version >/dev/null 2>&1; then
+    run_step fuzz-build \
+        env -u CARGO_TARGET_DIR -C "$ROOT/fuzz" cargo +nightly fuzz build
+    for target in $(cd "$ROOT/fuzz" && cargo +nightly fuzz list); do
+        run_step "fuzz-$target" \
+            env -u CARGO_TARGET_DIR -C "$ROOT/fuzz" \
+            cargo +nightly fuzz run "$target" -- -max_total_time="$FUZZ_SECONDS" -rss_limit_mb=2048
+    done
+else
+    # Not skipped silently: the fuzz targets are part of the suite.
+    run_step fuzz-build \
+        sh -c 'echo "cargo fuzz or rustup is missing (scripts/ensure-deps.sh installs them)" >&2; exit 1'
 fi
 
 section "summary"
