@@ -232,7 +232,7 @@ impl GuestRam {
             map: ArcSwap::from_pointee(MemoryMap::default()),
         };
         for &(start, size) in regions {
-            ram.insert_region(start, size, present)?;
+            ram.insert_region(start, size, present, false)?;
         }
         Ok(ram)
     }
@@ -351,22 +351,22 @@ impl GuestRam {
     }
 
     /// Boot-time loading by code that speaks vm-memory (a kernel loader): runs `f` on the
-    /// whole guest memory under the write lock of all of it, so nothing else touches
-    /// guest RAM meanwhile. Writes through vm-memory mark the pages dirty. Refused for
-    /// userfaultfd-served RAM (`new_missing`): touching a missing page here would block
-    /// in a fault nobody can serve while this lock is held.
-    pub fn load_with<R>(&self, f: impl FnOnce(&GuestMemoryMmap<AtomicBitmap>) -> R) -> Result<R> {
+    /// whole guest memory. `&mut self` proves nobody else can reach guest RAM yet (it is
+    /// not shared with a VM, a device or a fault handler), so no lock is needed; a
+    /// whole-RAM write lock would take every bucket of the range lock, which is most of
+    /// the VMM's start-up time. Writes through vm-memory mark the pages dirty. Refused
+    /// for userfaultfd-served RAM (`new_missing`): its pages are missing until served.
+    pub fn load_with<R>(
+        &mut self,
+        f: impl FnOnce(&GuestMemoryMmap<AtomicBitmap>) -> R,
+    ) -> Result<R> {
         let map = self.map.load();
-        let (start, end) = match (map.regions.first(), map.regions.last()) {
-            (Some(first), Some(last)) => (first.start, last.start + last.size),
-            _ => return Err(GuestRamError::NotMapped { start: 0, end: 0 }),
+        let Some(first) = map.regions.first() else {
+            return Err(GuestRamError::NotMapped { start: 0, end: 0 });
         };
         if self.missing {
-            return Err(GuestRamError::NotPresent(start));
+            return Err(GuestRamError::NotPresent(first.start));
         }
-        drop(map);
-        let _guard = self.lock.write(start..end)?;
-        let map = self.map.load();
         Ok(f(&map.mem))
     }
 
@@ -466,10 +466,10 @@ impl GuestRam {
     /// Adds an anonymous region of `size` bytes at `start`, under the write lock of its
     /// range. Both must be multiples of the host page size.
     pub fn add_region(&self, start: u64, size: u64) -> Result<()> {
-        self.insert_region(start, size, true)
+        self.insert_region(start, size, true, true)
     }
 
-    fn insert_region(&self, start: u64, size: u64, present: bool) -> Result<()> {
+    fn insert_region(&self, start: u64, size: u64, present: bool, shared: bool) -> Result<()> {
         self.check_aligned("Region start", start)?;
         self.check_aligned("Region size", size)?;
         let len = usize::try_from(size)
@@ -479,7 +479,14 @@ impl GuestRam {
         let end = start
             .checked_add(size)
             .ok_or(GuestRamError::Overlap { start, size })?;
-        let _guard = self.lock.write(start..end)?;
+        // While `build` runs nobody else can reach this GuestRam, so the lock (a wide
+        // request over every bucket of the region, the bulk of start-up time) is only
+        // taken once it is shared.
+        let _guard = if shared {
+            Some(self.lock.write(start..end)?)
+        } else {
+            None
+        };
         let page_size = usize_of(self.page_size);
         let granule = NonZeroUsize::new(page_size).ok_or(GuestRamError::BadSize(size))?;
         let bitmap = AtomicBitmap::new(len, granule);

@@ -173,24 +173,23 @@ impl Machine {
                 page,
             });
         }
-        let ram = Arc::new(
-            GuestRam::new(cfg.mem_lock, &layout::ram_regions(cfg.memory))
-                .map_err(MachineError::Memory)?,
-        );
-        let vm = KvmVm::new(Arc::clone(&ram))?;
-        vm.create_irqchip()?;
-        let requests = Arc::new(GuestRequests::new()?);
-        let devices = arch::create_legacy_devices(&vm, &requests, cfg.serial_out)?;
+        let mut ram = GuestRam::new(cfg.mem_lock, &layout::ram_regions(cfg.memory))
+            .map_err(MachineError::Memory)?;
+        // Load while guest RAM is still ours alone (no VM, device or vCPU has it yet).
         let entry = arch::configure_system(
-            &ram,
+            &mut ram,
             &SystemConfig {
                 kernel: &cfg.kernel,
                 initrd: cfg.initrd.as_deref(),
                 cmdline: &cfg.cmdline,
                 cpus,
-                mmio_devices: devices.mmio_devices.clone(),
             },
         )?;
+        let ram = Arc::new(ram);
+        let vm = KvmVm::new(Arc::clone(&ram))?;
+        vm.create_irqchip()?;
+        let requests = Arc::new(GuestRequests::new()?);
+        let devices = arch::create_legacy_devices(&vm, &requests, cfg.serial_out)?;
         log::info!(
             "Loaded {} ({entry:?}); {} MiB of guest memory, {cpus} vCPU(s), {:?} lock",
             cfg.kernel.display(),

@@ -139,7 +139,7 @@ pub struct BootConfig<'a> {
 
 /// Loads the kernel, initrd and command line into `ram` and writes the boot structures
 /// the kernel's entry protocol wants. Returns where the vCPU starts.
-pub fn load_kernel(ram: &GuestRam, cfg: &BootConfig<'_>) -> Result<EntryPoint, BootError> {
+pub fn load_kernel(ram: &mut GuestRam, cfg: &BootConfig<'_>) -> Result<EntryPoint, BootError> {
     let open = |what, path: &Path| {
         File::open(path).map_err(|source| BootError::File {
             what,
@@ -262,7 +262,7 @@ fn is_bzimage(file: &mut File) -> std::io::Result<bool> {
 /// Puts the initrd at the highest host-page-aligned address below `limit` and above
 /// `kernel_end`; returns `(address, size)`.
 fn load_initrd(
-    ram: &GuestRam,
+    ram: &mut GuestRam,
     path: &Path,
     kernel_end: u64,
     limit: u64,
@@ -442,11 +442,11 @@ mod tests {
 
     #[test]
     fn bzimage_boot_params_describe_memory_cmdline_and_initrd() {
-        let ram = ram(64 << 20);
+        let mut ram = ram(64 << 20);
         let kernel = temp_file("bz", &bzimage(&[0x90; 4096]));
         let initrd = temp_file("initrd", &[0xab; 10_000]);
         let entry = load_kernel(
-            &ram,
+            &mut ram,
             &BootConfig {
                 kernel: &kernel,
                 initrd: Some(&initrd),
@@ -497,7 +497,7 @@ mod tests {
 
     #[test]
     fn bad_kernels_and_initrds_get_clear_errors() {
-        let ram = ram(16 << 20);
+        let mut ram = ram(16 << 20);
         fn cfg(kernel: &Path) -> BootConfig<'_> {
             BootConfig {
                 kernel,
@@ -508,34 +508,34 @@ mod tests {
         }
         let missing = Path::new("/nonexistent/vmlinuz");
         assert!(matches!(
-            load_kernel(&ram, &cfg(missing)),
+            load_kernel(&mut ram, &cfg(missing)),
             Err(BootError::File { what: "kernel", .. })
         ));
         let empty = temp_file("empty", b"");
         assert!(matches!(
-            load_kernel(&ram, &cfg(&empty)),
+            load_kernel(&mut ram, &cfg(&empty)),
             Err(BootError::EmptyKernel(_))
         ));
         let garbage = temp_file("garbage", &[0x5a; 8192]);
         assert!(matches!(
-            load_kernel(&ram, &cfg(&garbage)),
+            load_kernel(&mut ram, &cfg(&garbage)),
             Err(BootError::UnknownFormat(_))
         ));
         let big = temp_file("big", &vec![0u8; 16 << 20]);
         assert!(matches!(
-            load_kernel(&ram, &cfg(&big)),
+            load_kernel(&mut ram, &cfg(&big)),
             Err(BootError::KernelTooLarge { .. })
         ));
         // A truncated ELF: the magic and nothing else.
         let elf = temp_file("elf", b"\x7fELF\x02\x01\x01");
         assert!(matches!(
-            load_kernel(&ram, &cfg(&elf)),
+            load_kernel(&mut ram, &cfg(&elf)),
             Err(BootError::Load { format: "ELF", .. })
         ));
         let kernel = temp_file("bz2", &bzimage(&[0x90; 4096]));
         let initrd = temp_file("huge-initrd", &vec![0u8; 16 << 20]);
         let err = load_kernel(
-            &ram,
+            &mut ram,
             &BootConfig {
                 initrd: Some(&initrd),
                 ..cfg(&kernel)
@@ -545,7 +545,7 @@ mod tests {
         assert!(matches!(err, BootError::InitrdTooLarge { .. }), "{err}");
         let long = "x".repeat(3000);
         let err = load_kernel(
-            &ram,
+            &mut ram,
             &BootConfig {
                 cmdline: &long,
                 ..cfg(&kernel)

@@ -33,13 +33,14 @@ pub struct SystemConfig<'a> {
     pub cmdline: &'a str,
     /// vCPUs (1..=254).
     pub cpus: u8,
-    /// The virtio-mmio devices, for the DSDT.
-    pub mmio_devices: Vec<MmioDevice>,
 }
 
 /// Writes everything the guest reads at boot into `ram` and loads the kernel; returns
 /// where the boot vCPU starts.
-pub fn configure_system(ram: &GuestRam, cfg: &SystemConfig<'_>) -> Result<EntryPoint, ArchError> {
+pub fn configure_system(
+    ram: &mut GuestRam,
+    cfg: &SystemConfig<'_>,
+) -> Result<EntryPoint, ArchError> {
     write_boot_tables(ram).map_err(|source| ArchError::Regs { id: 0, source })?;
     // Linux reads the MP table only without ACPI (acpi=off); it fits 40 vCPUs in the
     // EBDA, and larger machines are described by the MADT alone.
@@ -56,7 +57,7 @@ pub fn configure_system(ram: &GuestRam, cfg: &SystemConfig<'_>) -> Result<EntryP
         ram,
         &AcpiConfig {
             cpus: cfg.cpus,
-            mmio_devices: cfg.mmio_devices.clone(),
+            mmio_devices: mmio_devices(),
         },
     )?;
     let entry = load_kernel(
@@ -82,8 +83,6 @@ pub struct LegacyDevices {
     pub serial: Arc<Mutex<Serial>>,
     /// The virtio balloon.
     pub balloon: Arc<Mutex<MmioTransport<Balloon>>>,
-    /// Where the virtio-mmio devices are, for the ACPI tables.
-    pub mmio_devices: Vec<MmioDevice>,
 }
 
 /// Creates COM1 (interrupt through an irqfd on GSI 4), the i8042 reset line, the ACPI
@@ -127,25 +126,32 @@ pub fn create_legacy_devices(
         Balloon::new(BalloonConfig::default()),
         Arc::clone(vm.ram()),
     )?));
-    let gsi = VIRTIO_MMIO_FIRST_GSI;
+    let [slot] = mmio_devices()[..] else {
+        return Err(ArchError::DevicePoisoned);
+    };
     vm.register_irqfd(
         balloon
             .lock()
             .map_err(|_| ArchError::DevicePoisoned)?
             .interrupt()
             .eventfd(),
-        gsi,
+        slot.gsi,
     )?;
-    mmio.insert(balloon.clone(), VIRTIO_MMIO_START, VIRTIO_MMIO_SIZE)?;
+    mmio.insert(balloon.clone(), slot.base, slot.size)?;
     Ok(LegacyDevices {
         pio,
         mmio,
         serial,
         balloon,
-        mmio_devices: vec![MmioDevice {
-            base: VIRTIO_MMIO_START,
-            size: VIRTIO_MMIO_SIZE,
-            gsi,
-        }],
     })
+}
+
+/// The virtio-mmio devices of the machine, in window order: the balloon in the first
+/// window with the first virtio GSI. The ACPI tables and the device setup both read it.
+fn mmio_devices() -> Vec<MmioDevice> {
+    vec![MmioDevice {
+        base: VIRTIO_MMIO_START,
+        size: VIRTIO_MMIO_SIZE,
+        gsi: VIRTIO_MMIO_FIRST_GSI,
+    }]
 }
