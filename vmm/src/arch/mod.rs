@@ -10,5 +10,5 @@ mod x86_64;
 #[cfg(target_arch = "x86_64")]
 pub use self::x86_64::{
     configure_system, create_legacy_devices, layout, ArchError, EntryPoint, IoHandler, KvmVcpu,
-    KvmVm, LegacyDevices, SystemConfig, VcpuStop,
+    KvmVm, LegacyDevices, StateError, SystemConfig, VcpuState, VcpuStop, VmState, STATE_VERSION,
 };

@@ -7,11 +7,13 @@ pub mod layout;
 pub mod mptable;
 mod regs;
 mod setup;
+mod state;
 mod vcpu;
 mod vm;
 
 pub use boot::EntryPoint;
 pub use setup::{configure_system, create_legacy_devices, LegacyDevices, SystemConfig};
+pub use state::{StateError, VcpuState, VmState, STATE_VERSION};
 pub use vcpu::{IoHandler, KvmVcpu, VcpuStop};
 pub use vm::KvmVm;
 

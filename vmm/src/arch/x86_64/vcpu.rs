@@ -192,6 +192,21 @@ impl KvmVcpu {
         Ok(())
     }
 
+    /// Saves the vCPU's state for migration. The vCPU must be paused (not in KVM_RUN on
+    /// another thread: `&mut self` sees to that). Re-enters KVM once with
+    /// `immediate_exit` set, which finishes an I/O or MMIO exit still in flight without
+    /// running guest code; hence `&mut`.
+    pub fn save_state(&mut self) -> Result<super::VcpuState, super::StateError> {
+        super::state::save_vcpu(&mut self.fd)
+    }
+
+    /// Restores a state saved by [`KvmVcpu::save_state`], on a vCPU that has not run,
+    /// in the order KVM needs (CPUID first, vCPU events last). The VM needs its
+    /// in-kernel irqchip for the LAPIC state.
+    pub fn restore_state(&mut self, state: &super::VcpuState) -> Result<(), super::StateError> {
+        super::state::restore_vcpu(&self.fd, state)
+    }
+
     /// Enters the guest once: returns `None` when the exit was an I/O access `io`
     /// handled (run again), or why the vCPU stopped.
     pub fn run_once(&mut self, io: &dyn IoHandler) -> Result<Option<VcpuStop>, ArchError> {

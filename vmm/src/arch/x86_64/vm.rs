@@ -128,6 +128,17 @@ impl KvmVm {
         Ok(())
     }
 
+    /// Saves the in-kernel PICs, IOAPIC, PIT and kvm clock (vCPUs paused).
+    pub fn save_state(&self) -> Result<super::VmState, super::StateError> {
+        super::state::save_vm(&self.vm)
+    }
+
+    /// Restores a state saved by [`KvmVm::save_state`]: after
+    /// [`KvmVm::create_irqchip`], before the vCPUs run.
+    pub fn restore_state(&self, state: &super::VmState) -> Result<(), super::StateError> {
+        super::state::restore_vm(&self.vm, state)
+    }
+
     /// Makes a write to `evt` raise interrupt `gsi`.
     pub fn register_irqfd(&self, evt: &EventFd, gsi: u32) -> Result<(), ArchError> {
         self.vm
