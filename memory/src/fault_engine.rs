@@ -6,6 +6,10 @@
 //! every vCPU behind one queue (one file, one wait queue, one lock in the kernel); the
 //! shards spread them. Each resolution takes the write lock of its page only
 //! (`GuestRam::resolve_fault`), so faults on different pages are resolved in parallel.
+//!
+//! [`FaultEngine::start_with`] can also run the same engine with no lock at all around
+//! the resolution ([`Locking::None`]): a benchmark baseline that tells what the range
+//! lock adds to a fault's round trip, and nothing else.
 
 use std::os::fd::{AsFd, AsRawFd};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -58,6 +62,29 @@ impl Default for FaultEngineConfig {
     }
 }
 
+/// What a resolution locks.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Locking {
+    /// The write lock of the faulting page, as DESIGN.md says (in the guest RAM's own
+    /// lock mode, range or global). What everything but a benchmark uses.
+    #[default]
+    Range,
+    /// **Benchmark baseline only**: no lock at all. Nothing then excludes balloon
+    /// discards, reclaims, DMA or region changes of a page being resolved (a late copy
+    /// can resurrect a discarded page), so it must never run alongside any of them; only
+    /// the faulting workers themselves may touch guest memory.
+    None,
+}
+
+impl std::fmt::Display for Locking {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Locking::Range => "range",
+            Locking::None => "none",
+        })
+    }
+}
+
 /// Counters, summed over handlers.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct FaultStats {
@@ -94,11 +121,23 @@ pub struct FaultEngine {
 const POLL_MS: i32 = 20;
 
 impl FaultEngine {
-    /// Registers `ram` with `config.shards` userfaultfds and starts the handlers.
+    /// Registers `ram` with `config.shards` userfaultfds and starts the handlers; each
+    /// resolution takes its page's write lock.
     pub fn start(
         ram: Arc<GuestRam>,
         source: Arc<dyn PageSource>,
         config: FaultEngineConfig,
+    ) -> Result<Self, FaultEngineError> {
+        Self::start_with(ram, source, config, Locking::Range)
+    }
+
+    /// As [`Self::start`], with resolutions locked as `locking` says: see [`Locking`]
+    /// for why [`Locking::None`] is a benchmark baseline only.
+    pub fn start_with(
+        ram: Arc<GuestRam>,
+        source: Arc<dyn PageSource>,
+        config: FaultEngineConfig,
+        locking: Locking,
     ) -> Result<Self, FaultEngineError> {
         if config.handlers == 0 || config.shards == 0 {
             return Err(FaultEngineError::Config {
@@ -132,7 +171,15 @@ impl FaultEngine {
             let (stop, counters) = (Arc::clone(&stop), Arc::clone(&counters));
             let thread = std::thread::Builder::new()
                 .name(format!("uffd-handler-{i}"))
-                .spawn(move || handle(&ram, &mine, source.as_ref(), &stop, &counters))
+                .spawn(move || {
+                    let serve = Serve {
+                        ram: &ram,
+                        source: source.as_ref(),
+                        locking,
+                        counters: &counters,
+                    };
+                    handle(&serve, &mine, &stop);
+                })
                 .map_err(FaultEngineError::Spawn)?;
             engine.threads.push(thread);
         }
@@ -201,14 +248,16 @@ impl Drop for FaultEngine {
     }
 }
 
+/// What a handler resolves faults with.
+struct Serve<'a> {
+    ram: &'a GuestRam,
+    source: &'a dyn PageSource,
+    locking: Locking,
+    counters: &'a Counters,
+}
+
 /// One handler: waits for faults on its userfaultfds and resolves them until `stop`.
-fn handle(
-    ram: &GuestRam,
-    uffds: &[Arc<Userfaultfd>],
-    source: &dyn PageSource,
-    stop: &AtomicBool,
-    counters: &Counters,
-) {
+fn handle(serve: &Serve<'_>, uffds: &[Arc<Userfaultfd>], stop: &AtomicBool) {
     let mut pfds: Vec<libc::pollfd> = uffds
         .iter()
         .map(|u| libc::pollfd {
@@ -227,14 +276,20 @@ fn handle(
         }
         for (pfd, uffd) in pfds.iter().zip(uffds) {
             if pfd.revents & libc::POLLIN != 0 {
-                drain(ram, uffd, source, counters);
+                drain(serve, uffd);
             }
         }
     }
 }
 
 /// Resolves every pending fault of `uffd`.
-fn drain(ram: &GuestRam, uffd: &Userfaultfd, source: &dyn PageSource, counters: &Counters) {
+fn drain(serve: &Serve<'_>, uffd: &Userfaultfd) {
+    let Serve {
+        ram,
+        source,
+        locking,
+        counters,
+    } = *serve;
     loop {
         let fault = match uffd.read_fault() {
             Ok(Some(fault)) => fault,
@@ -250,7 +305,11 @@ fn drain(ram: &GuestRam, uffd: &Userfaultfd, source: &dyn PageSource, counters: 
             log::error!("Fault at {:#x} is not guest RAM", fault.addr);
             continue;
         };
-        match ram.resolve_fault(uffd, gpa, source) {
+        let resolved = match locking {
+            Locking::Range => ram.resolve_fault(uffd, gpa, source),
+            Locking::None => ram.resolve_fault_unlocked(uffd, gpa, source),
+        };
+        match resolved {
             Ok(Resolution::Copied) => counters.copied.fetch_add(1, Ordering::Relaxed),
             Ok(Resolution::Zeroed) => counters.zeroed.fetch_add(1, Ordering::Relaxed),
             Ok(Resolution::AlreadyPresent) => {
@@ -294,6 +353,48 @@ mod tests {
             FaultEngine::start(ram, Arc::new(Pattern), config),
             Err(FaultEngineError::Config { .. })
         ));
+    }
+
+    #[test]
+    #[cfg_attr(target_arch = "powerpc64", ignore = "qemu-user has no userfaultfd")]
+    fn the_unlocked_baseline_takes_no_lock_and_fills_every_page_right() {
+        const PAGES: u64 = 64;
+        let page = host_page_size();
+        let ram = Arc::new(GuestRam::new_missing(LockMode::Range, &[(0, PAGES * page)]).unwrap());
+        let engine = FaultEngine::start_with(
+            Arc::clone(&ram),
+            Arc::new(Pattern),
+            FaultEngineConfig {
+                handlers: 2,
+                shards: 2,
+            },
+            Locking::None,
+        )
+        .unwrap();
+        let base = ram.host_address(0).unwrap();
+        // All of guest RAM is write-locked: a locked resolution would wait for ever,
+        // the baseline does not look at the lock.
+        let guard = ram.range_lock().write(0..PAGES * page).unwrap();
+        std::thread::scope(|s| {
+            for t in 0..2u64 {
+                s.spawn(move || {
+                    for i in 0..PAGES {
+                        let p = (i * 5 + t * 3) % PAGES;
+                        // SAFETY: inside the live guest mapping; a volatile load.
+                        let v = unsafe { std::ptr::read_volatile((base + p * page) as *const u8) };
+                        assert_eq!(u64::from(v), p % 251 + 1, "page {p}");
+                    }
+                });
+            }
+        });
+        drop(guard);
+        let stats = engine.stop();
+        assert_eq!(stats.copied, PAGES, "{stats:?}");
+        assert_eq!(stats.errors, 0);
+        assert_eq!(ram.range_lock().stats().waits, 0);
+        assert!(ram.range_lock().is_idle());
+        assert_eq!(Locking::default(), Locking::Range);
+        assert_eq!(Locking::None.to_string(), "none");
     }
 
     #[test]

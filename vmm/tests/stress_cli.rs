@@ -286,3 +286,307 @@ fn every_pattern_runs_on_every_engine_with_the_right_content() {
         }
     }
 }
+
+#[test]
+fn no_lock_baseline_still_fills_every_page_with_the_right_content() {
+    let engines: &[&str] = if cfg!(target_arch = "x86_64") {
+        &["threads", "kvm"]
+    } else {
+        &["threads"]
+    };
+    for engine in engines {
+        for pattern in ["disjoint", "shared", "random", "sequential"] {
+            let out = rangevm(&[
+                "stress",
+                "--engine",
+                engine,
+                "--mem-lock",
+                "none",
+                "--pattern",
+                pattern,
+                "--workers",
+                "2",
+                "--memory",
+                "2M",
+                "--harvest-interval",
+                "10",
+                "--duration",
+                "0.3",
+                "--json",
+            ]);
+            let text = stdout(&out);
+            let what = format!("{engine} {pattern}: {text}\n{}", stderr(&out));
+            assert!(out.status.success(), "{what}");
+            assert!(text.contains("\"mem_lock\":\"none\""), "{what}");
+            assert!(field(&text, "faults") > 0, "{what}");
+            assert!(field(&text, "touches") > 0, "{what}");
+            assert_eq!(field(&text, "wrong_content"), 0, "{what}");
+            assert_eq!(field(&text, "disjoint_waits"), 0, "{what}");
+        }
+    }
+    // Without harvests, only each disjoint worker's own give-backs lock, each on its
+    // own pages: nobody waits, the engine itself never locks.
+    let out = rangevm(&[
+        "stress",
+        "--mem-lock",
+        "none",
+        "--workers",
+        "2",
+        "--memory",
+        "4M",
+        "--duration",
+        "0.3",
+        "--json",
+    ]);
+    let text = stdout(&out);
+    assert!(out.status.success(), "{text}\n{}", stderr(&out));
+    assert!(field(&text, "faults") > 0, "{text}");
+    assert_eq!(field(&text, "wrong_content"), 0, "{text}");
+    assert_eq!(field(&text, "lock_waits"), 0, "{text}");
+}
+
+#[test]
+fn no_lock_baseline_refuses_balloon_churn_in_one_sentence() {
+    for args in [
+        &["--mem-lock", "none", "--balloon-churn"][..],
+        &["--compare", "none,range", "--balloon-churn"][..],
+        &[
+            "--engine",
+            "kvm",
+            "--compare",
+            "range,none",
+            "--balloon-churn",
+            "--harvest-interval",
+            "5",
+        ][..],
+    ] {
+        let mut all = vec!["stress", "--duration", "0.1"];
+        all.extend_from_slice(args);
+        let out = rangevm(&all);
+        let err = stderr(&out);
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {err}");
+        assert!(err.contains("cannot run with --balloon-churn"), "{err}");
+        assert_eq!(err.lines().count(), 1, "{err}");
+        assert!(stdout(&out).is_empty(), "{args:?} ran: {}", stdout(&out));
+    }
+    // Churn without the baseline still runs.
+    let out = rangevm(&[
+        "stress",
+        "--memory",
+        "2M",
+        "--duration",
+        "0.1",
+        "--balloon-churn",
+        "--compare",
+        "range,global",
+        "--json",
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+}
+
+#[test]
+fn no_lock_is_a_stress_mode_only_and_bad_modes_are_named() {
+    let out = rangevm(&["stress", "--compare", "none,fast"]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = stderr(&out);
+    assert!(
+        err.contains("possible values: none, range, global"),
+        "{err}"
+    );
+    if cfg!(target_arch = "x86_64") {
+        // `rangevm run` locks guest memory for real: range or global only.
+        let out = rangevm(&["run", "--mem-lock", "none", "--kernel", "/nonexistent"]);
+        assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+        let err = stderr(&out);
+        assert!(err.contains("none"), "{err}");
+    }
+}
+
+#[test]
+fn compare_runs_every_listed_mode_side_by_side_with_ratios() {
+    let out = rangevm(&[
+        "stress",
+        "--workers",
+        "1",
+        "--memory",
+        "2M",
+        "--duration",
+        "0.2",
+        "--compare",
+        "none,range,global",
+    ]);
+    let text = stdout(&out);
+    assert!(out.status.success(), "{text}\n{}", stderr(&out));
+    let table: Vec<&str> = text
+        .lines()
+        .skip_while(|l| !l.starts_with("same work in each mode"))
+        .collect();
+    assert!(table.len() >= 7, "{text}");
+    assert!(
+        table[1].contains("faults/s") && table[1].contains("p50"),
+        "{text}"
+    );
+    for (line, mode) in table[2..5].iter().zip(["none", "range", "global"]) {
+        assert!(line.trim_start().starts_with(mode), "{text}");
+    }
+    assert!(
+        table[5].contains("range / none:") && table[5].contains("p50"),
+        "{text}"
+    );
+    assert!(table[6].contains("range / global:"), "{text}");
+    assert!(text.contains("range / global throughput"), "{text}");
+
+    // Rounds repeat the comparison, interleaved, and end with the medians.
+    let out = rangevm(&[
+        "stress",
+        "--workers",
+        "1",
+        "--memory",
+        "2M",
+        "--duration",
+        "0.1",
+        "--compare",
+        "none,range",
+        "--rounds",
+        "3",
+    ]);
+    let text = stdout(&out);
+    assert!(out.status.success(), "{text}\n{}", stderr(&out));
+    assert!(text.contains("round 3 of 3"), "{text}");
+    let medians = text
+        .lines()
+        .skip_while(|l| !l.starts_with("over 3 rounds"))
+        .nth(1)
+        .unwrap_or_else(|| panic!("no medians in {text}"));
+    assert!(medians.contains("range / none:"), "{text}");
+    // The median, then each of the three rounds.
+    assert_eq!(medians.matches('[').count(), 3, "{medians}");
+
+    let out = rangevm(&[
+        "stress",
+        "--workers",
+        "1",
+        "--memory",
+        "2M",
+        "--duration",
+        "0.1",
+        "--compare",
+        "none,range,global",
+        "--rounds",
+        "2",
+        "--json",
+    ]);
+    let text = stdout(&out);
+    assert!(out.status.success(), "{text}\n{}", stderr(&out));
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines.len(), 6, "{text}");
+    for (i, line) in lines.iter().enumerate() {
+        let mode = ["none", "range", "global"][i % 3];
+        assert!(line.contains(&format!("\"mem_lock\":\"{mode}\"")), "{line}");
+        assert_eq!(field(line, "round"), i as u64 / 3 + 1, "{line}");
+        assert_eq!(field(line, "wrong_content"), 0, "{line}");
+    }
+}
+
+#[test]
+fn pages_given_back_late_or_at_once_still_fault_on_every_touch() {
+    for lag in ["0", "8", "32", "4096"] {
+        let out = rangevm(&[
+            "stress",
+            "--workers",
+            "2",
+            "--memory",
+            "1M",
+            "--give-back-lag",
+            lag,
+            "--duration",
+            "0.2",
+            "--json",
+        ]);
+        let text = stdout(&out);
+        assert!(out.status.success(), "{text}\n{}", stderr(&out));
+        // Each worker walks 128 pages; a lag longer than that is cut to fit, so a page
+        // is always missing again by the time its worker comes back to it.
+        assert!(field(&text, "touches") > 0, "lag {lag}: {text}");
+        assert!(
+            field(&text, "faults") >= field(&text, "touches"),
+            "lag {lag}: {text}"
+        );
+        assert_eq!(field(&text, "wrong_content"), 0, "lag {lag}: {text}");
+    }
+}
+
+#[test]
+fn paired_runs_give_every_mode_the_same_touches_at_the_same_moments() {
+    let out = rangevm(&[
+        "stress",
+        "--workers",
+        "2",
+        "--memory",
+        "2M",
+        "--pattern",
+        "shared",
+        "--duration",
+        "0.3",
+        "--compare",
+        "none,range,global",
+        "--paired",
+        "--json",
+    ]);
+    let text = stdout(&out);
+    assert!(out.status.success(), "{text}\n{}", stderr(&out));
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines.len(), 3, "{text}");
+    let touches: Vec<u64> = lines.iter().map(|l| field(l, "touches")).collect();
+    for (line, mode) in lines.iter().zip(["none", "range", "global"]) {
+        assert!(line.contains(&format!("\"mem_lock\":\"{mode}\"")), "{line}");
+        assert!(field(line, "faults") > 0, "{line}");
+        assert_eq!(field(line, "wrong_content"), 0, "{line}");
+        if mode != "global" {
+            assert_eq!(field(line, "disjoint_waits"), 0, "{line}");
+        }
+    }
+    // A worker stopped between two lanes of one page at most.
+    let (lo, hi) = (touches.iter().min().unwrap(), touches.iter().max().unwrap());
+    assert!(*lo > 0 && hi - lo <= 2, "{touches:?}");
+
+    let out = rangevm(&[
+        "stress",
+        "--workers",
+        "1",
+        "--memory",
+        "2M",
+        "--duration",
+        "0.2",
+        "--compare",
+        "none,range",
+        "--paired",
+    ]);
+    let text = stdout(&out);
+    assert!(out.status.success(), "{text}\n{}", stderr(&out));
+    assert!(text.contains("interleaved touch by touch"), "{text}");
+    assert!(text.contains("range / none:"), "{text}");
+
+    for (args, why) in [
+        (&["--paired"][..], "give --compare too"),
+        (
+            &["--paired", "--compare", "--engine", "kvm"][..],
+            "threads engine only",
+        ),
+        (
+            &["--paired", "--compare", "--balloon-churn"][..],
+            "runs no churn",
+        ),
+        (
+            &["--paired", "--compare", "--harvest-interval", "5"][..],
+            "runs no churn",
+        ),
+    ] {
+        let mut all = vec!["stress", "--duration", "0.1"];
+        all.extend_from_slice(args);
+        let out = rangevm(&all);
+        let err = stderr(&out);
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {err}");
+        assert!(err.contains(why), "{args:?}: {err}");
+    }
+}

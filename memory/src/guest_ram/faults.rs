@@ -47,6 +47,15 @@ pub enum Resolution {
     AlreadyPresent,
 }
 
+/// Whether a resolution may believe the page's present bit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Trust {
+    /// Under the page's write lock the bit is exact: a present page only needs a wake.
+    PresentBit,
+    /// Without the lock it can be stale: always fill, and let EEXIST say it was there.
+    Kernel,
+}
+
 impl GuestRam {
     /// Registers every region with `uffd` for missing-page faults.
     pub fn register_missing(&self, uffd: &Userfaultfd) -> Result<()> {
@@ -94,6 +103,39 @@ impl GuestRam {
         gpa: u64,
         source: &dyn PageSource,
     ) -> Result<Resolution> {
+        let page = self.fault_page(gpa)?;
+        let _guard = self.lock.write(page.clone())?;
+        self.fill_page(uffd, page, source, Trust::PresentBit)
+    }
+
+    /// **Benchmark baseline only.** Resolves the fault at `gpa` exactly as
+    /// [`Self::resolve_fault`] does, but takes no lock at all: the same engine with no
+    /// range lock, so `rangevm stress --mem-lock none` can measure what the lock adds to a
+    /// fault's round trip.
+    ///
+    /// Nothing excludes a balloon discard, a reclaim, device DMA or a region change of
+    /// the same page while it is being resolved, so a late copy can resurrect a
+    /// discarded page and the page's state bits can go stale. Never use it while
+    /// anything but the faulting workers themselves touches guest memory (the stress
+    /// tool refuses `--balloon-churn` with it).
+    ///
+    /// Because the present bit can be stale here (a worker that gives its page back as
+    /// soon as it is woken may clear it before we set it), the kernel is the judge: a
+    /// page is always filled, and EEXIST means it was there. On a fault of a missing
+    /// page, the only case a round-trip benchmark sees, that is the same work as the
+    /// locked path.
+    pub(crate) fn resolve_fault_unlocked(
+        &self,
+        uffd: &Userfaultfd,
+        gpa: u64,
+        source: &dyn PageSource,
+    ) -> Result<Resolution> {
+        let page = self.fault_page(gpa)?;
+        self.fill_page(uffd, page, source, Trust::Kernel)
+    }
+
+    /// The host page containing `gpa`, as a guest-physical range.
+    fn fault_page(&self, gpa: u64) -> Result<Range<u64>> {
         let page = self.page_size;
         let start = gpa - gpa % page;
         // The last page of the address space is never RAM (a region's end must fit a
@@ -102,35 +144,53 @@ impl GuestRam {
             start,
             end: u64::MAX,
         })?;
-        let _guard = self.lock.write(start..end)?;
+        Ok(start..end)
+    }
+
+    /// Fills the missing page `page` (one host page): zero if ballooned or discarded,
+    /// else from `source`; with [`Trust::PresentBit`], a page our state says is present
+    /// only has its waiters woken. The caller holds the page's write lock, except on
+    /// the unlocked benchmark path.
+    fn fill_page(
+        &self,
+        uffd: &Userfaultfd,
+        page: Range<u64>,
+        source: &dyn PageSource,
+        trust: Trust,
+    ) -> Result<Resolution> {
+        let Range { start, end } = page;
+        let size = end - start;
         let map = self.map.load();
         let (_, r) = map
             .region_of(start)
             .ok_or(GuestRamError::NotMapped { start, end })?;
-        let index = usize_of((start - r.start) / page);
+        let index = usize_of((start - r.start) / size);
         let region = map
             .mem
             .find_region(GuestAddress(start))
             .ok_or(GuestRamError::NotMapped { start, end })?;
         let host = region.get_mmap().as_ptr() as u64 + (start - r.start);
-        if r.states.is_present(index) {
-            uffd.wake(host, page)?;
+        if trust == Trust::PresentBit && r.states.is_present(index) {
+            uffd.wake(host, size)?;
             return Ok(Resolution::AlreadyPresent);
         }
         let filled = if r.states.is_ballooned(index) || r.states.is_discarded(index) {
-            // SAFETY: `host .. host + page` is one host page inside this region's live
+            // SAFETY: `host .. host + size` is one host page inside this region's live
             // mapping (the region holds `start`, and regions are page-multiples), which
-            // `register_missing` registered; no Rust reference into guest memory exists
-            // while we hold the page's write lock (every accessor takes the lock).
-            (unsafe { uffd.zero(host, page) }?, Resolution::Zeroed)
+            // `register_missing` registered. No Rust reference into it exists: this
+            // crate reaches userfaultfd-served memory only through vm-memory's volatile
+            // accesses and the kernel (madvise, userfaultfd), and hands none out
+            // (`load_with` is refused for it). On the locked path the page's write lock
+            // also keeps every other accessor off the page meanwhile.
+            (unsafe { uffd.zero(host, size) }?, Resolution::Zeroed)
         } else {
-            let mut buf = vec![0u8; usize_of(page)];
+            let mut buf = vec![0u8; usize_of(size)];
             let content = source
                 .read_page(start, &mut buf)
                 .map_err(|source| GuestRamError::Source { gpa: start, source })?;
             match content {
                 // SAFETY: as above.
-                PageContent::Zero => (unsafe { uffd.zero(host, page) }?, Resolution::Zeroed),
+                PageContent::Zero => (unsafe { uffd.zero(host, size) }?, Resolution::Zeroed),
                 // SAFETY: as above; `buf` is exactly one page.
                 PageContent::Data => (unsafe { uffd.copy(host, &buf) }?, Resolution::Copied),
             }
@@ -265,6 +325,49 @@ mod tests {
         let again = unsafe { uffd.copy(host, &buf) }.unwrap();
         assert_eq!(again, Filled::AlreadyThere);
         assert_eq!(ram.read_obj::<u8>(5 * page).unwrap(), 6, "first copy kept");
+    }
+
+    #[test]
+    #[cfg_attr(target_arch = "powerpc64", ignore = "qemu-user has no userfaultfd")]
+    fn the_unlocked_baseline_fills_like_the_locked_path_and_lets_the_kernel_judge() {
+        let (ram, uffd, page) = setup();
+        let source = Pattern::default();
+        // The page's write lock is held elsewhere: the baseline does not wait for it.
+        let guard = ram.range_lock().write(5 * page..6 * page).unwrap();
+        assert_eq!(
+            ram.resolve_fault_unlocked(&uffd, 5 * page + 3, &source)
+                .unwrap(),
+            Resolution::Copied
+        );
+        drop(guard);
+        assert!(ram.page_state(5 * page).unwrap().present);
+        assert_eq!(ram.read_obj::<u8>(5 * page).unwrap(), 6);
+        // It does not trust the present bit: it fills again, and EEXIST says the page
+        // was there (the first copy stays).
+        assert_eq!(
+            ram.resolve_fault_unlocked(&uffd, 5 * page, &source)
+                .unwrap(),
+            Resolution::AlreadyPresent
+        );
+        assert_eq!(source.reads.load(Ordering::Relaxed), 2);
+        assert_eq!(ram.read_obj::<u8>(5 * page).unwrap(), 6);
+        // Ballooned pages are zeroed, never fetched, as on the locked path.
+        ram.discard(7 * page..8 * page).unwrap();
+        assert_eq!(
+            ram.resolve_fault_unlocked(&uffd, 7 * page, &source)
+                .unwrap(),
+            Resolution::Zeroed
+        );
+        assert_eq!(source.reads.load(Ordering::Relaxed), 2);
+        assert!(matches!(
+            ram.resolve_fault_unlocked(&uffd, 100 * page, &source),
+            Err(GuestRamError::NotMapped { .. })
+        ));
+        assert!(matches!(
+            ram.resolve_fault_unlocked(&uffd, u64::MAX, &source),
+            Err(GuestRamError::NotMapped { .. })
+        ));
+        assert!(ram.range_lock().is_idle());
     }
 
     #[test]

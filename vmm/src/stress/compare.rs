@@ -66,12 +66,17 @@ fn label(r: &Ratios) -> String {
 }
 
 /// Prints the runs of one round side by side, then the reference's ratios.
-pub(super) fn print_round(round: &[Report], number: u32, rounds: u32) {
+pub(super) fn print_round(round: &[Report], number: u32, rounds: u32, paired: bool) {
     println!();
-    if rounds > 1 {
-        println!("round {number} of {rounds}, same work in each mode:");
+    let how = if paired {
+        "same work in each mode, interleaved touch by touch"
     } else {
-        println!("same work in each mode:");
+        "same work in each mode"
+    };
+    if rounds > 1 {
+        println!("round {number} of {rounds}, {how}:");
+    } else {
+        println!("{how}:");
     }
     println!(
         "  {:<12} {:>12} {:>10} {:>10} {:>10} {:>10} {:>15}",

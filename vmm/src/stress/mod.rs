@@ -16,7 +16,8 @@
 //! ([`Locking::None`]), the baseline for what the range lock costs a fault's round trip.
 //! It is stress-only and refuses balloon churn (nothing would exclude a discard from a
 //! racing resolution). `--compare none,range,global` runs the listed modes back to back
-//! on the same work, `--rounds` times, and prints them side by side with their ratios.
+//! on the same work, `--rounds` times, and prints them side by side with their ratios;
+//! `--paired` runs them at once instead, touch by touch (`threads.rs`).
 
 mod compare;
 #[cfg(target_arch = "x86_64")]
@@ -173,9 +174,18 @@ pub struct StressArgs {
     /// Userfaultfds the memory is split over (default: one per handler).
     #[arg(long, value_parser = clap::value_parser!(u32).range(1..=256))]
     pub shards: Option<u32>,
-    /// Seconds to run (per mode with --compare).
+    /// Seconds to run (per mode with --compare; per round, all modes at once, with
+    /// --paired).
     #[arg(long, default_value_t = 3.0)]
     pub duration: f64,
+    /// Threads engine: give each touched page back this many touches later (0: at once,
+    /// while its handler may still hold the page's lock; fewer if a worker's slice is
+    /// smaller). The default keeps give-backs two 64 KiB lock granules (4 KiB pages)
+    /// behind the fault, off the lock word being resolved. The kvm engine gives pages
+    /// back after each batch of its guest.
+    #[arg(long, value_name = "TOUCHES", default_value_t = 32,
+          value_parser = clap::value_parser!(u32).range(0..=4096))]
+    pub give_back_lag: u32,
     /// Also discard and reclaim random 64 KiB runs in a churn thread (balloon).
     #[arg(long)]
     pub balloon_churn: bool,
@@ -188,6 +198,11 @@ pub struct StressArgs {
     #[arg(long, value_enum, value_name = "MODES", num_args = 0..=1, value_delimiter = ',',
           default_missing_value = "range,global")]
     pub compare: Option<Vec<MemLock>>,
+    /// With --compare (threads engine, no churn or harvest): run the modes at once,
+    /// each with its own guest memory and fault engine, every worker touching the same
+    /// page in each mode in turn, so the host's noise hits all modes alike.
+    #[arg(long)]
+    pub paired: bool,
     /// Repeat the whole comparison this many times, modes interleaved, and print each
     /// round's ratios and their medians (noisy hosts).
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=100))]
@@ -243,15 +258,21 @@ pub fn run(args: &StressArgs) -> Result<(), StressError> {
     let mut reports = Vec::new();
     let mut all_ratios = Vec::new();
     for round in 1..=args.rounds {
-        let mut this_round = Vec::with_capacity(modes.len());
-        for &mode in &modes {
-            let mut report = run_one(args, mode)?;
+        let mut this_round = if args.paired {
+            threads::run_paired(args, &modes)?
+        } else {
+            let mut reports = Vec::with_capacity(modes.len());
+            for &mode in &modes {
+                reports.push(run_one(args, mode)?);
+            }
+            reports
+        };
+        for report in &mut this_round {
             report.round = round;
             report.print(args);
-            this_round.push(report);
         }
         if !args.json && modes.len() > 1 {
-            compare::print_round(&this_round, round, args.rounds);
+            compare::print_round(&this_round, round, args.rounds, args.paired);
         }
         all_ratios.push(compare::ratios(&this_round));
         reports.extend(this_round);
@@ -294,6 +315,20 @@ fn modes(args: &StressArgs) -> Result<Vec<MemLock>, StressError> {
             "Lock mode none (a benchmark baseline) takes no lock around fault resolution, so nothing would keep a balloon discard from racing one: it cannot run with --balloon-churn (compare range and global instead)"
                 .to_string(),
         ));
+    }
+    if args.paired {
+        let refuse = if args.compare.is_none() {
+            Some("--paired interleaves the modes of --compare: give --compare too")
+        } else if args.engine != Engine::Threads {
+            Some("--paired runs on the threads engine only")
+        } else if args.balloon_churn || args.harvest_interval > 0 {
+            Some("--paired runs no churn: drop --balloon-churn and --harvest-interval, or --paired")
+        } else {
+            None
+        };
+        if let Some(why) = refuse {
+            return Err(StressError::Option(why.to_string()));
+        }
     }
     Ok(modes)
 }

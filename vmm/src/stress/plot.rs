@@ -25,13 +25,19 @@ fn cdf_points(report: &Report) -> Vec<(f64, f64)> {
 
 /// Draws the latency CDF of every report into the SVG file `path`.
 pub(super) fn latency_cdf(path: &Path, args: &StressArgs, reports: &[Report]) -> PlotResult {
+    // With --rounds, every round of every mode is a curve of its own.
+    let rounds = reports.iter().any(|r| r.round > 1);
     let curves: Vec<(String, Vec<(f64, f64)>)> = reports
         .iter()
         .map(|r| {
             let [p50, p99, ..] = r.percentiles_ns();
+            let label = if rounds {
+                format!("{} #{}", r.label(), r.round)
+            } else {
+                r.label()
+            };
             let name = format!(
-                "{}: p50 {}, p99 {}, {:.0} faults/s",
-                r.label(),
+                "{label}: p50 {}, p99 {}, {:.0} faults/s",
                 super::report::fmt_ns(p50),
                 super::report::fmt_ns(p99),
                 r.faults_per_sec()
