@@ -11,6 +11,7 @@ pub mod event_loop;
 pub mod host_check;
 #[cfg(target_arch = "x86_64")]
 pub mod machine;
+pub mod migration;
 #[cfg(target_arch = "x86_64")]
 pub mod run;
 pub mod stress;
