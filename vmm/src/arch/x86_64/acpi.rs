@@ -382,23 +382,8 @@ fn virtio_mmio(uid: u32, dev: &MmioDevice) -> Result<Vec<u8>, AcpiError> {
 mod tests {
     use rangevm_memory::LockMode;
 
+    use super::super::test_bytes::{sum, u16_at, u32_at, u64_at};
     use super::*;
-
-    fn u16_at(b: &[u8], off: usize) -> u16 {
-        u16::from_le_bytes(b[off..off + 2].try_into().unwrap())
-    }
-
-    fn u32_at(b: &[u8], off: usize) -> u32 {
-        u32::from_le_bytes(b[off..off + 4].try_into().unwrap())
-    }
-
-    fn u64_at(b: &[u8], off: usize) -> u64 {
-        u64::from_le_bytes(b[off..off + 8].try_into().unwrap())
-    }
-
-    fn sum(b: &[u8]) -> u8 {
-        b.iter().fold(0u8, |acc, x| acc.wrapping_add(*x))
-    }
 
     fn count(haystack: &[u8], needle: &[u8]) -> usize {
         haystack

@@ -8,6 +8,8 @@ pub mod mptable;
 mod regs;
 mod setup;
 mod state;
+#[cfg(test)]
+mod test_bytes;
 mod vcpu;
 mod vm;
 

@@ -220,19 +220,8 @@ fn checksum(bytes: &[u8]) -> u8 {
 mod tests {
     use rangevm_memory::LockMode;
 
+    use super::super::test_bytes::{sum, u16_at, u32_at};
     use super::*;
-
-    fn u16_at(b: &[u8], off: usize) -> u16 {
-        u16::from_le_bytes(b[off..off + 2].try_into().unwrap())
-    }
-
-    fn u32_at(b: &[u8], off: usize) -> u32 {
-        u32::from_le_bytes(b[off..off + 4].try_into().unwrap())
-    }
-
-    fn sum(b: &[u8]) -> u8 {
-        b.iter().fold(0u8, |acc, x| acc.wrapping_add(*x))
-    }
 
     /// The configuration table's entries: (type, bytes).
     fn entries(config: &[u8]) -> Vec<(u8, &[u8])> {
