@@ -53,6 +53,12 @@ pub enum RunError {
     Vcpu(String),
 }
 
+/// `range` or `global` (`none`, the stress tool's baseline, is not a way to run a VM).
+fn parse_mode(s: &str) -> Result<LockMode, String> {
+    s.parse()
+        .map_err(|e: rangevm_memory::RangeLockError| e.to_string())
+}
+
 /// Where the guest's serial console (COM1) goes.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum SerialTarget {
@@ -110,7 +116,7 @@ pub struct RunArgs {
     pub cpus: u32,
     /// How guest memory is locked: `range` locks only the guest-physical range each
     /// operation touches; `global` uses one lock for all of it (the baseline).
-    #[arg(long, value_name = "MODE", default_value = "range", value_parser = crate::stress::parse_mode)]
+    #[arg(long, value_name = "MODE", default_value = "range", value_parser = parse_mode)]
     pub mem_lock: LockMode,
     /// Where the guest's serial console goes: stdio (standard output, and standard
     /// input as its input), file:PATH, or null.

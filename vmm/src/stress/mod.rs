@@ -215,11 +215,6 @@ pub struct StressArgs {
     pub plot: Option<PathBuf>,
 }
 
-pub(crate) fn parse_mode(s: &str) -> Result<LockMode, String> {
-    s.parse()
-        .map_err(|e: rangevm_memory::RangeLockError| e.to_string())
-}
-
 /// Page `p` of the source is filled with `p mod 251 + 1`, so a worker can check it got
 /// the right page.
 struct PatternSource {
@@ -351,6 +346,9 @@ fn run_one(args: &StressArgs, mode: MemLock) -> Result<Report, StressError> {
 struct Shared {
     stop: AtomicBool,
     touches: AtomicU64,
+    /// Pages with the wrong content; only the kvm engine (x86_64) counts here, the
+    /// threads engine keeps its own per-worker count.
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
     wrong: AtomicU64,
     churn_ops: AtomicU64,
     harvests: AtomicU64,
