@@ -83,6 +83,14 @@ pub enum BootError {
         /// Room for it.
         room: u64,
     },
+    /// The kernel needs more memory than the guest has to decompress itself.
+    #[error("Kernel {path} needs the first {needed_mib} MiB of guest memory to decompress itself; give the guest more memory (--memory)")]
+    KernelMemory {
+        /// Its path.
+        path: PathBuf,
+        /// Guest memory it needs below 3 GiB, in MiB.
+        needed_mib: u64,
+    },
     /// The command line is too long or has characters Linux cannot take.
     #[error("Invalid kernel command line")]
     Cmdline(#[source] linux_loader::cmdline::Error),
@@ -208,8 +216,21 @@ pub fn load_kernel(ram: &mut GuestRam, cfg: &BootConfig<'_>) -> Result<EntryPoin
     }
     ram.write(CMDLINE_START, cmdline)?;
 
-    // linux-loader's kernel_end is an absolute guest-physical address.
-    let kernel_end = loaded.kernel_end;
+    // linux-loader's kernel_end is an absolute guest-physical address. A bzImage
+    // decompresses into [max(load address, pref_address), + init_size) (boot protocol
+    // 2.10+): that area must be RAM, and the initrd must stay above it.
+    let mut kernel_end = loaded.kernel_end;
+    if let Some(hdr) = loaded.setup_header.filter(|h| h.version >= 0x020a) {
+        let start = loaded.kernel_load.0.max(hdr.pref_address);
+        let needed = start.saturating_add(u64::from(hdr.init_size));
+        if needed > low_end {
+            return Err(BootError::KernelMemory {
+                path: cfg.kernel.to_path_buf(),
+                needed_mib: needed.div_ceil(1 << 20),
+            });
+        }
+        kernel_end = kernel_end.max(needed);
+    }
     let initrd_limit = match loaded.setup_header {
         Some(hdr) if hdr.initrd_addr_max != 0 => u64::from(hdr.initrd_addr_max) + 1,
         _ => DEFAULT_INITRD_ADDR_MAX + 1,
@@ -485,6 +506,38 @@ mod tests {
                 (HIMEM_START, (64 << 20) - HIMEM_START, E820_RAM),
             ]
         );
+    }
+
+    #[test]
+    fn a_kernel_that_cannot_decompress_in_guest_memory_is_refused() {
+        // Protocol 2.15: pref_address 16 MiB, init_size 40 MiB -> needs the first 56 MiB.
+        let mut img = bzimage(&[0x90; 4096]);
+        img[0x258..0x260].copy_from_slice(&0x100_0000u64.to_le_bytes());
+        img[0x260..0x264].copy_from_slice(&(40u32 << 20).to_le_bytes());
+        let kernel = temp_file("bz-init-size", &img);
+        let cfg = BootConfig {
+            kernel: &kernel,
+            initrd: None,
+            cmdline: "",
+            rsdp: 0,
+        };
+        let err = load_kernel(&mut ram(48 << 20), &cfg).unwrap_err();
+        assert!(
+            matches!(err, BootError::KernelMemory { needed_mib: 56, .. }),
+            "{err}"
+        );
+        assert!(load_kernel(&mut ram(64 << 20), &cfg).is_ok());
+        // With 64 MiB, 8 MiB are left above the decompression area: 9 do not fit.
+        let initrd = temp_file("initrd-9m", &vec![1u8; 9 << 20]);
+        let err = load_kernel(
+            &mut ram(64 << 20),
+            &BootConfig {
+                initrd: Some(&initrd),
+                ..cfg
+            },
+        )
+        .unwrap_err();
+        assert!(matches!(err, BootError::InitrdTooLarge { .. }), "{err}");
     }
 
     #[test]
