@@ -42,7 +42,7 @@ fn default_linux_guest_boots_under_rangevm_inside_the_emulated_host() {
         .with_file(env!("CARGO_BIN_EXE_rangevm"))
         .with_file(&guest.kernel)
         .with_file(&guest.initrd)
-        .run(&script, Duration::from_secs(600))
+        .run(&script, Duration::from_secs(300))
         .expect("boot the emulated host");
     eprintln!("emulated host ran {:.1} s", console.elapsed.as_secs_f64());
     let out = &console.output;
@@ -132,7 +132,7 @@ cat /tmp/out | grep -E 'AVAIL-|FILLED'
         .with_file(env!("CARGO_BIN_EXE_rangevm"))
         .with_file(&guest.kernel)
         .with_file(&guest.initrd)
-        .run(&script, Duration::from_secs(600))
+        .run(&script, Duration::from_secs(300))
         .expect("boot the emulated host");
     eprintln!("emulated host ran {:.1} s", console.elapsed.as_secs_f64());
     let out = &console.output;
