@@ -45,6 +45,19 @@ struct Measured {
     wrong: u64,
 }
 
+impl Measured {
+    /// Nothing measured yet, one per lane.
+    fn per_lane(lanes: usize) -> Vec<Measured> {
+        (0..lanes)
+            .map(|_| Measured {
+                latency: latency_histogram(),
+                touches: 0,
+                wrong: 0,
+            })
+            .collect()
+    }
+}
+
 /// One run of the threads engine in lock mode `mode`.
 pub(super) fn run_one(args: &StressArgs, mode: MemLock) -> Result<Report, StressError> {
     let mut reports = run_lanes(args, &[mode])?;
@@ -110,14 +123,7 @@ fn run_lanes(args: &StressArgs, modes: &[MemLock]) -> Result<Vec<Report>, Stress
             super::spawn_churn(s, &lane.ram, 0..memory, args, &shared);
         }
         super::wait_with_progress(started, duration, &label, args, &shared);
-        let mut all: Vec<Measured> = lanes
-            .iter()
-            .map(|_| Measured {
-                latency: latency_histogram(),
-                touches: 0,
-                wrong: 0,
-            })
-            .collect();
+        let mut all = Measured::per_lane(lanes.len());
         for w in workers {
             match w.join() {
                 Ok(per_lane) => {
@@ -177,14 +183,7 @@ fn worker(lanes: &[Lane], pages: u64, w: u64, args: &StressArgs, shared: &Shared
     let lag =
         usize::try_from(u64::from(args.give_back_lag).min(count.saturating_sub(1))).unwrap_or(0);
     let mut lagging: VecDeque<u64> = VecDeque::with_capacity(lag + 1);
-    let mut measured: Vec<Measured> = lanes
-        .iter()
-        .map(|_| Measured {
-            latency: latency_histogram(),
-            touches: 0,
-            wrong: 0,
-        })
-        .collect();
+    let mut measured = Measured::per_lane(lanes.len());
     let orders = permutations(lanes.len());
     let mut i = 0u64;
     while !shared.stop.load(Ordering::Relaxed) {
