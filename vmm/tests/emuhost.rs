@@ -4,7 +4,20 @@
 
 use std::time::Duration;
 
-use rangevm_tests::{DefaultGuest, EmuHost, MARKER};
+use rangevm_tests::{Console, DefaultGuest, EmuHost, MARKER};
+
+/// Boots the emulated host with rangevm and the default guest in `/payload` and runs
+/// `script` there.
+fn run_with_default_guest(guest: &DefaultGuest, script: &str) -> Console {
+    let console = EmuHost::new()
+        .with_file(env!("CARGO_BIN_EXE_rangevm"))
+        .with_file(&guest.kernel)
+        .with_file(&guest.initrd)
+        .run(script, Duration::from_secs(300))
+        .expect("boot the emulated host");
+    eprintln!("emulated host ran {:.1} s", console.elapsed.as_secs_f64());
+    console
+}
 
 /// Inside one boot of the emulated host: `rangevm host-check` sees real KVM; the default
 /// Linux guest boots under rangevm to its marker with 1 and 2 vCPUs, in both
@@ -38,13 +51,7 @@ fn default_linux_guest_boots_under_rangevm_inside_the_emulated_host() {
          wait $pid; echo SHELL-END status=$?; cat /tmp/out; echo SHELL-OUT-END; ",
         guest.cmdline
     ));
-    let console = EmuHost::new()
-        .with_file(env!("CARGO_BIN_EXE_rangevm"))
-        .with_file(&guest.kernel)
-        .with_file(&guest.initrd)
-        .run(&script, Duration::from_secs(300))
-        .expect("boot the emulated host");
-    eprintln!("emulated host ran {:.1} s", console.elapsed.as_secs_f64());
+    let console = run_with_default_guest(&guest, &script);
     let out = &console.output;
     assert!(out.contains("RANGEVM-EMUHOST-UP kvm=yes"), "{out}");
     assert!(out.contains("KVM              API version 12"), "{out}");
@@ -128,13 +135,7 @@ cat /tmp/out | grep -E 'AVAIL-|FILLED'
 "#,
         cmdline = guest.cmdline
     );
-    let console = EmuHost::new()
-        .with_file(env!("CARGO_BIN_EXE_rangevm"))
-        .with_file(&guest.kernel)
-        .with_file(&guest.initrd)
-        .run(&script, Duration::from_secs(300))
-        .expect("boot the emulated host");
-    eprintln!("emulated host ran {:.1} s", console.elapsed.as_secs_f64());
+    let console = run_with_default_guest(&guest, &script);
     let out = &console.output;
     let value = |key: &str| -> u64 {
         out.lines()
