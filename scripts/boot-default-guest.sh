@@ -144,18 +144,9 @@ check_emulated_host_tools() {
 # --- build ---------------------------------------------------------------------------------
 
 cd "$ROOT"
-if [ -n "${RANGEVM_BIN:-}" ]; then
-    rangevm="$RANGEVM_BIN"
-    [ -x "$rangevm" ] || die "RANGEVM_BIN=$rangevm is not an executable file"
-    say "using RANGEVM_BIN=$rangevm (not building)"
-else
-    say "building rangevm (cargo build --release -p rangevm; the first build takes a minute or two)"
-    cargo build --release -p rangevm >&2 || die "cargo build failed"
-    target_dir="$(cargo metadata --format-version 1 --no-deps 2>/dev/null |
-        sed -n 's/.*"target_directory":"\([^"]*\)".*/\1/p')"
-    rangevm="${target_dir:-$ROOT/target}/release/rangevm"
-    [ -x "$rangevm" ] || die "cargo built no $rangevm"
-fi
+# shellcheck source=scripts/common.sh
+. "$ROOT/scripts/common.sh"
+rangevm_binary "the first build takes a minute or two"
 
 say "building the default guest (resources/build-guest.sh; the first time it downloads about 70 MB of Debian packages)"
 bash "$ROOT/resources/build-guest.sh" || die "resources/build-guest.sh failed"
