@@ -40,15 +40,8 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 ME="bench-boot"
 ALL_CONFIGS="rangevm-c1-range,rangevm-c2-range,rangevm-c1-global,qemu-pc,qemu-pc-c2,qemu-microvm"
 
-say() { echo "$ME: $*" >&2; }
-die() {
-    echo "$ME: error: $*" >&2
-    exit 1
-}
-usage_error() {
-    echo "$ME: $* (try --help)" >&2
-    exit 2
-}
+# shellcheck source=scripts/common.sh
+. "$ROOT/scripts/common.sh"
 
 rounds=3
 tiny_runs=50
@@ -139,8 +132,6 @@ work="$(mktemp -d "${TMPDIR:-/tmp}/rangevm-bench.XXXXXX")"
 trap 'rm -rf "$work"' EXIT
 
 cd "$ROOT"
-# shellcheck source=scripts/common.sh
-. "$ROOT/scripts/common.sh"
 rangevm_binary ""
 
 # --- the Python helpers: tiny guests, the spawn timer, the final table ----------------------

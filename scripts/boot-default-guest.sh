@@ -31,15 +31,8 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 ME="boot-default-guest"
 
-say() { echo "$ME: $*" >&2; }
-die() {
-    echo "$ME: error: $*" >&2
-    exit 1
-}
-usage_error() {
-    echo "$ME: $* (try --help)" >&2
-    exit 2
-}
+# shellcheck source=scripts/common.sh
+. "$ROOT/scripts/common.sh"
 
 # --- options -----------------------------------------------------------------------------
 
@@ -144,8 +137,6 @@ check_emulated_host_tools() {
 # --- build ---------------------------------------------------------------------------------
 
 cd "$ROOT"
-# shellcheck source=scripts/common.sh
-. "$ROOT/scripts/common.sh"
 rangevm_binary "the first build takes a minute or two"
 
 say "building the default guest (resources/build-guest.sh; the first time it downloads about 70 MB of Debian packages)"

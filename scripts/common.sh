@@ -1,8 +1,21 @@
 #!/usr/bin/env bash
-# Shared by the scripts in this folder (sourced, not run). The caller defines
-# say MESSAGE and die MESSAGE, and has cd'ed to the repository root.
+# Shared by the scripts in this folder (sourced, not run). The caller sets ME, the
+# name its messages start with.
 
-# rangevm_binary [NOTE]: sets $rangevm to $RANGEVM_BIN if that is set, else builds
+# say MESSAGE: a progress line on standard error.
+say() { echo "$ME: $*" >&2; }
+# die MESSAGE: an error line, exit 1.
+die() {
+    echo "$ME: error: $*" >&2
+    exit 1
+}
+# usage_error MESSAGE: a bad command line, exit 2.
+usage_error() {
+    echo "$ME: $* (try --help)" >&2
+    exit 2
+}
+
+# rangevm_binary [NOTE] (from the repository root): sets $rangevm to $RANGEVM_BIN if that is set, else builds
 # rangevm (release) and points at the build; NOTE is added to the "building" line.
 # shellcheck disable=SC2120 # NOTE is optional.
 rangevm_binary() {
