@@ -7,6 +7,8 @@
 //!   pvpanic. The code is arch-neutral; only the port numbers (in the VMM's
 //!   `arch::layout`) are x86_64's.
 //! - [`virtio`]: the virtio-mmio transport and virtio devices (the balloon).
+//! - [`persist`]: the versioned byte format of device state for snapshot and live
+//!   migration ([`PersistError`], [`persist::Writer`], [`persist::Reader`]).
 //! - [`GuestRequests`]: how those devices tell the VMM that the guest asked to power
 //!   off, reset or report a panic.
 //!
@@ -20,15 +22,17 @@ use vmm_sys_util::eventfd::{EventFd, EFD_CLOEXEC, EFD_NONBLOCK};
 
 pub mod bus;
 pub mod legacy;
+pub mod persist;
 pub mod ratelimit;
 pub mod virtio;
 
 pub use bus::{Bus, BusDevice, BusError};
 pub use legacy::{AcpiPm, AcpiPmError, PvPanic, Serial, SerialError, SerialMetrics, I8042};
+pub use persist::PersistError;
 pub use ratelimit::LogLimiter;
 pub use virtio::{
     Balloon, BalloonConfig, BalloonError, BalloonMetrics, BalloonStats, MmioError, MmioTransport,
-    VirtioDevice, VirtioError, VirtioInterrupt,
+    RestoreContext, VirtioDevice, VirtioError, VirtioInterrupt,
 };
 
 #[doc(hidden)]

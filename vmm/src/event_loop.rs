@@ -15,6 +15,8 @@ use vmm_sys_util::eventfd::EventFd;
 use crate::api::server::{self, After, ApiServer, ApiSocket, Pending};
 use crate::api::Response;
 use crate::machine::Machine;
+use crate::migration::control::{self, MachineRequest};
+use crate::migration::slot::Migrations;
 use crate::vcpu::VcpuExitReason;
 
 /// Errors of the event loop.
@@ -44,6 +46,8 @@ pub enum Outcome {
     Failed(String),
     /// `vm.shutdown` through the control API.
     ApiShutdown,
+    /// The guest was migrated away and runs on the destination.
+    Migrated,
 }
 
 /// SIGINT and SIGTERM, blocked in every thread and read from a signalfd instead.
@@ -77,7 +81,7 @@ impl Signals {
     }
 
     /// The number of a pending signal, if one is pending.
-    fn take(&self) -> Option<i32> {
+    pub fn take(&self) -> Option<i32> {
         let mut info = [0u8; std::mem::size_of::<libc::signalfd_siginfo>()];
         // SAFETY: reads at most `info.len()` bytes into the local buffer from a
         // descriptor this struct owns.
@@ -91,9 +95,16 @@ impl Signals {
     }
 }
 
+impl AsRawFd for Signals {
+    fn as_raw_fd(&self) -> RawFd {
+        self.fd.as_raw_fd()
+    }
+}
+
 const SIGNAL: u32 = 1;
 const GUEST_REQUEST: u32 = 2;
 const VCPU_EXITED: u32 = 3;
+const MIGRATION: u32 = 4;
 
 /// Decides how the machine ends.
 #[derive(Debug)]
@@ -102,6 +113,7 @@ struct Control {
     requests: Arc<GuestRequests>,
     requests_evt: EventFd,
     vcpu_exited: EventFd,
+    migration_evt: EventFd,
     outcome: Option<Outcome>,
     vcpu_exit_seen: bool,
 }
@@ -112,6 +124,7 @@ impl MutEventSubscriber for Control {
             (self.signals.fd.as_raw_fd(), SIGNAL),
             (self.requests_evt.as_raw_fd(), GUEST_REQUEST),
             (self.vcpu_exited.as_raw_fd(), VCPU_EXITED),
+            (self.migration_evt.as_raw_fd(), MIGRATION),
         ] {
             if let Err(e) = ops.add(Events::with_data_raw(fd, data, EventSet::IN)) {
                 log::error!("Cannot watch an event source: {e}");
@@ -138,6 +151,8 @@ impl MutEventSubscriber for Control {
                 let _ = self.vcpu_exited.read();
                 self.vcpu_exit_seen = true;
             }
+            // The main loop drains the migration's requests (and the eventfd).
+            MIGRATION => {}
             other => log::warn!("Event loop: unknown event token {other}"),
         }
     }
@@ -264,6 +279,7 @@ pub fn run(
 ) -> Result<Outcome, EventLoopError> {
     let mut manager: EventManager<Subscriber> =
         EventManager::new().map_err(EventLoopError::Epoll)?;
+    let mut migrations = Migrations::new().map_err(EventLoopError::EventFd)?;
     let control = Arc::new(Mutex::new(Control {
         signals,
         requests: Arc::clone(machine.requests()),
@@ -274,6 +290,11 @@ pub fn run(
             .map_err(EventLoopError::EventFd)?,
         vcpu_exited: machine
             .vcpu_exited()
+            .try_clone()
+            .map_err(EventLoopError::EventFd)?,
+        migration_evt: migrations
+            .calls()
+            .eventfd()
             .try_clone()
             .map_err(EventLoopError::EventFd)?,
         outcome: None,
@@ -310,12 +331,25 @@ pub fn run(
             .lock()
             .map(|mut p| p.drain(..).collect())
             .unwrap_or_default();
+        for call in migrations.calls().drain() {
+            if call.request == MachineRequest::Migrated {
+                let mut control = control
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner);
+                control.outcome.get_or_insert(Outcome::Migrated);
+            }
+            let _ = call.reply.send(control::execute(machine, call.request));
+        }
         for Pending { stream, request } in requests {
             let (response, after) = match request {
-                Ok(command) => server::execute(machine, command),
+                Ok(command) => server::execute(machine, &mut migrations, command, &stream),
                 Err(why) => (Response::err(why), After::Continue),
             };
-            server::answer(stream, &response);
+            if after == After::Watch {
+                server::answer_keep(stream, &response);
+            } else {
+                server::answer(stream, &response);
+            }
             if after == After::Shutdown {
                 let mut control = control
                     .lock()

@@ -14,7 +14,12 @@ use crate::api::server::ApiSocket;
 use crate::cli::parse_size;
 use crate::event_loop::{self, EventLoopError, Outcome, Signals};
 use crate::machine::{Machine, MachineConfig, MachineError};
+use crate::migration::destination::{self, DestinationError, IncomingOptions};
+use crate::migration::transport::MigrationAddr;
 use rangevm_devices::GuestRequest;
+
+/// Guest memory when `--memory` is not given.
+pub const DEFAULT_MEMORY: u64 = 512 << 20;
 
 /// The kernel command line when `--cmdline` is not given.
 pub const DEFAULT_CMDLINE: &str = "console=ttyS0 reboot=k panic=1 pci=off";
@@ -48,6 +53,12 @@ pub enum RunError {
     /// The API socket could not be set up.
     #[error("Cannot serve the control API")]
     Api(#[from] crate::api::ApiError),
+    /// `--incoming`: receiving the migration failed.
+    #[error("Incoming migration failed")]
+    Incoming(#[source] DestinationError),
+    /// Neither --kernel nor --incoming.
+    #[error("Give --kernel PATH, or --incoming ADDR to receive a migration")]
+    NoKernel,
     /// A vCPU failed while the guest ran.
     #[error("The guest stopped: {0}")]
     Vcpu(String),
@@ -97,23 +108,30 @@ impl FromStr for SerialTarget {
 #[derive(Debug, Args)]
 pub struct RunArgs {
     /// The guest kernel: a bzImage, or an ELF vmlinux (entered through its PVH note if
-    /// it has one, else at its 64-bit entry).
-    #[arg(long, value_name = "PATH")]
-    pub kernel: PathBuf,
+    /// it has one, else at its 64-bit entry). Not with --incoming.
+    #[arg(
+        long,
+        value_name = "PATH",
+        required_unless_present = "incoming",
+        conflicts_with = "incoming"
+    )]
+    pub kernel: Option<PathBuf>,
     /// An initial ramdisk, placed at the top of guest memory below 3 GiB.
-    #[arg(long, value_name = "PATH")]
+    #[arg(long, value_name = "PATH", conflicts_with = "incoming")]
     pub initrd: Option<PathBuf>,
     /// The kernel command line.
     #[arg(long, value_name = "STR", default_value = DEFAULT_CMDLINE)]
     pub cmdline: String,
     /// Guest memory: bytes, or a number with K, M, G or T (powers of 1024). At least
     /// 2M, a multiple of the host page size; beyond 3G it continues above 4 GiB.
-    #[arg(long, value_name = "SIZE", default_value = "512M", value_parser = parse_size)]
-    pub memory: u64,
-    /// Number of vCPUs (1 to 254).
-    #[arg(long, value_name = "N", default_value_t = 1,
+    /// Default 512M; with --incoming, the source's (given, it must match the source).
+    #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+    pub memory: Option<u64>,
+    /// Number of vCPUs (1 to 254). Default 1; with --incoming, the source's (given, it
+    /// must match the source).
+    #[arg(long, value_name = "N",
           value_parser = clap::value_parser!(u32).range(1..=u32::from(crate::machine::MAX_CPUS) as i64))]
-    pub cpus: u32,
+    pub cpus: Option<u32>,
     /// How guest memory is locked: `range` locks only the guest-physical range each
     /// operation touches; `global` uses one lock for all of it (the baseline).
     #[arg(long, value_name = "MODE", default_value = "range", value_parser = parse_mode)]
@@ -125,6 +143,17 @@ pub struct RunArgs {
     /// Serve the control API on this Unix socket (`rangevm ctl --api-socket PATH ...`).
     #[arg(long, value_name = "PATH")]
     pub api_socket: Option<PathBuf>,
+    /// Receive a live migration instead of booting a kernel: listen on tcp:HOST:PORT
+    /// (tcp:0.0.0.0:4444 for every address) or unix:PATH, take the guest's memory and
+    /// state from the first source that connects (`rangevm ctl migrate send` on the
+    /// source), and run it. Memory size and vCPUs come from the source.
+    #[arg(long, value_name = "ADDR", value_parser = parse_incoming)]
+    pub incoming: Option<MigrationAddr>,
+}
+
+fn parse_incoming(s: &str) -> Result<MigrationAddr, String> {
+    s.parse()
+        .map_err(|e: crate::migration::transport::TransportError| e.to_string())
 }
 
 /// Standard output as an unbuffered writer (the guest's console appears as it types).
@@ -191,15 +220,49 @@ pub fn run(args: RunArgs) -> Result<ExitCode, RunError> {
         }
         SerialTarget::Null => Box::new(std::io::sink()),
     };
-    let mut machine = Machine::start(MachineConfig {
-        kernel: args.kernel,
-        initrd: args.initrd,
-        cmdline: args.cmdline,
-        memory: args.memory,
-        cpus: args.cpus,
-        mem_lock: args.mem_lock,
-        serial_out,
-    })?;
+    let mut machine = if let Some(addr) = args.incoming {
+        let received = destination::receive(
+            IncomingOptions {
+                addr,
+                memory: args.memory,
+                cpus: args.cpus,
+                mem_lock: args.mem_lock,
+                serial_out,
+            },
+            &signals,
+        );
+        match received {
+            Ok(r) => {
+                eprintln!(
+                    "rangevm: migration from {} received ({:.1} MiB, {} round(s), {:.0} ms); the guest runs here",
+                    r.source,
+                    r.bytes as f64 / f64::from(1 << 20),
+                    r.rounds,
+                    r.elapsed.as_secs_f64() * 1e3
+                );
+                r.machine
+            }
+            Err(DestinationError::Signal(signo)) => {
+                return Ok(ExitCode::from(
+                    u8::try_from(128 + signo).unwrap_or(EXIT_VMM_ERROR),
+                ))
+            }
+            Err(e) => return Err(RunError::Incoming(e)),
+        }
+    } else {
+        let Some(kernel) = args.kernel else {
+            return Err(RunError::NoKernel);
+        };
+        Machine::start(MachineConfig {
+            kernel,
+            initrd: args.initrd,
+            cmdline: args.cmdline,
+            memory: args.memory.unwrap_or(DEFAULT_MEMORY),
+            cpus: args.cpus.unwrap_or(1),
+            mem_lock: args.mem_lock,
+            serial_out,
+        })?
+    };
     let stdin_to_serial = args.serial == SerialTarget::Stdio;
     let terminal = stdin_to_serial.then(RawTerminal::enter);
     let outcome = event_loop::run(&mut machine, signals, stdin_to_serial, api);
@@ -209,6 +272,10 @@ pub fn run(args: RunArgs) -> Result<ExitCode, RunError> {
         Outcome::Guest(GuestRequest::PowerOff) => EXIT_POWER_OFF,
         Outcome::ApiShutdown => {
             log::info!("Shut down through the control API");
+            EXIT_POWER_OFF
+        }
+        Outcome::Migrated => {
+            eprintln!("rangevm: the guest was migrated and runs on the destination");
             EXIT_POWER_OFF
         }
         Outcome::Guest(GuestRequest::Reset) => {

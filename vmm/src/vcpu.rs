@@ -60,6 +60,9 @@ pub enum VcpuEvent {
     Pause,
     /// Run the guest again.
     Resume,
+    /// Paused only: save the vCPU's KVM state (migration switch-over) and answer
+    /// [`VcpuResponse::State`].
+    SaveState,
     /// Stop for good.
     Finish,
 }
@@ -86,6 +89,8 @@ pub enum VcpuResponse {
     Resumed,
     /// It is now Exited.
     Exited(VcpuExitReason),
+    /// Its saved state in byte form, or why it could not be saved. It stays Paused.
+    State(Result<Vec<u8>, String>),
 }
 
 /// The state of a vCPU thread.
@@ -244,6 +249,17 @@ impl VcpuHandle {
     }
 }
 
+/// An error and its causes, as one line.
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut what = e.to_string();
+    let mut source = e.source();
+    while let Some(cause) = source {
+        what.push_str(&format!(": {cause}"));
+        source = cause.source();
+    }
+    what
+}
+
 struct VcpuThread<'a, I> {
     vcpu: &'a mut KvmVcpu,
     env: VcpuEnv<I>,
@@ -313,12 +329,7 @@ impl<I: IoHandler> VcpuThread<'_, I> {
                     )
                 }
                 Err(e) => {
-                    let mut what = e.to_string();
-                    let mut source = std::error::Error::source(&e);
-                    while let Some(cause) = source {
-                        what.push_str(&format!(": {cause}"));
-                        source = cause.source();
-                    }
+                    let what = error_chain(&e);
                     return self.exit(
                         VcpuExitReason::Failed(format!("vCPU {}: {what}", self.vcpu.id())),
                         true,
@@ -340,8 +351,24 @@ impl<I: IoHandler> VcpuThread<'_, I> {
         next.filter(|&s| s != current)
     }
 
-    fn apply(&self, event: VcpuEvent, current: State) -> State {
+    fn apply(&mut self, event: VcpuEvent, current: State) -> State {
         match (event, current) {
+            (VcpuEvent::SaveState, State::Paused) => {
+                let saved = self
+                    .vcpu
+                    .save_state()
+                    .and_then(|state| state.to_bytes())
+                    .map_err(|e| format!("vCPU {}: {}", self.vcpu.id(), error_chain(&e)));
+                let _ = self.responses.send(VcpuResponse::State(saved));
+                State::Paused
+            }
+            (VcpuEvent::SaveState, _) => {
+                let _ = self.responses.send(VcpuResponse::State(Err(format!(
+                    "vCPU {} is not paused; its state can only be saved while paused",
+                    self.vcpu.id()
+                ))));
+                current
+            }
             (VcpuEvent::Finish, _) => self.exit(VcpuExitReason::Finished, false),
             (VcpuEvent::Pause, _) => {
                 let _ = self.responses.send(VcpuResponse::Paused);

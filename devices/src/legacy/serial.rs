@@ -12,24 +12,34 @@
 //!   most [`Serial::input_capacity`] bytes from their source, and wait for
 //!   [`Serial::input_drained_eventfd`] (signalled when the guest empties the FIFO)
 //!   before offering more.
+//! - State: [`Serial::save_state`] and [`Serial::restore_state`] carry the UART's
+//!   registers and input FIFO in the versioned format of [`crate::persist`]; the
+//!   output writer, the eventfds and the counters stay the device's own.
 
 use std::fmt;
 use std::io::{self, Write};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-use vm_superio::serial::{Error as UartError, SerialEvents};
+use vm_superio::serial::{Error as UartError, SerialEvents, SerialState};
 use vm_superio::Trigger;
 use vmm_sys_util::eventfd::{EventFd, EFD_CLOEXEC, EFD_NONBLOCK};
 
 use super::{answer, check_width, register};
 use crate::bus::BusDevice;
+use crate::persist::{PersistError, Reader, Writer, SERIAL_MAGIC};
 use crate::{log_limited, LogLimiter};
 
 /// Ports a 16550 takes.
 pub const SERIAL_PORT_LEN: u64 = 8;
 /// Registers of a 16550 (offsets 0..8).
 const REGISTERS: u8 = 8;
+/// The input FIFO of vm-superio's UART, in bytes.
+const FIFO_SIZE: usize = 64;
+/// Interrupt-enable bits a 16550 has (vm-superio keeps only these).
+const IER_VALID: u8 = 0x0f;
+/// Interrupt-identification bits vm-superio keeps (none pending, THR empty, RDA).
+const IIR_VALID: u8 = 0x07;
 
 /// Errors of [`Serial`].
 #[derive(Debug, thiserror::Error)]
@@ -40,13 +50,14 @@ pub enum SerialError {
 }
 
 /// vm-superio's [`Trigger`] on an [`EventFd`]: each trigger adds 1 to the counter.
-#[derive(Debug)]
-pub struct EventFdTrigger(EventFd);
+/// Clones share the eventfd (a restored UART keeps its interrupt line).
+#[derive(Debug, Clone)]
+pub struct EventFdTrigger(Arc<EventFd>);
 
 impl EventFdTrigger {
     /// Wraps `eventfd`.
     pub fn new(eventfd: EventFd) -> Self {
-        EventFdTrigger(eventfd)
+        EventFdTrigger(Arc::new(eventfd))
     }
 
     /// The wrapped eventfd.
@@ -115,9 +126,20 @@ fn add(counter: &AtomicU64, n: usize) {
 /// What vm-superio tells us: output bytes for the counters, and the guest draining the
 /// input FIFO for the event loop.
 struct Events {
-    drained: EventFd,
+    drained: Arc<EventFd>,
     metrics: Arc<SerialMetrics>,
     signal_log: LogLimiter,
+}
+
+impl Events {
+    /// Events on the same eventfd and counters (for a restored UART).
+    fn share(&self) -> Self {
+        Events {
+            drained: Arc::clone(&self.drained),
+            metrics: Arc::clone(&self.metrics),
+            signal_log: LogLimiter::default(),
+        }
+    }
 }
 
 impl SerialEvents for Events {
@@ -160,12 +182,14 @@ impl Serial {
     pub fn new(interrupt: EventFd, out: Box<dyn Write + Send>) -> Result<Self, SerialError> {
         let metrics = Arc::new(SerialMetrics::default());
         let events = Events {
-            drained: EventFd::new(EFD_NONBLOCK | EFD_CLOEXEC).map_err(SerialError::EventFd)?,
+            drained: Arc::new(
+                EventFd::new(EFD_NONBLOCK | EFD_CLOEXEC).map_err(SerialError::EventFd)?,
+            ),
             metrics: metrics.clone(),
             signal_log: LogLimiter::default(),
         };
         Ok(Serial {
-            uart: vm_superio::Serial::with_events(EventFdTrigger(interrupt), events, out),
+            uart: vm_superio::Serial::with_events(EventFdTrigger::new(interrupt), events, out),
             metrics,
             write_log: LogLimiter::default(),
             interrupt_log: LogLimiter::default(),
@@ -225,6 +249,56 @@ impl Serial {
         &self.metrics
     }
 
+    /// The UART's state (registers and input FIFO) in the versioned byte form of
+    /// [`crate::persist`], magic [`SERIAL_MAGIC`].
+    pub fn save_state(&self) -> Vec<u8> {
+        let state = self.uart.state();
+        let mut w = Writer::new();
+        for b in registers(&state) {
+            w.u8(b);
+        }
+        // vm-superio never holds more than its FIFO size, and 64 fits a u8 count.
+        let fifo = &state.in_buffer[..state.in_buffer.len().min(FIFO_SIZE)];
+        w.u8(u8::try_from(fifo.len()).unwrap_or(0));
+        w.bytes(fifo);
+        // Infallible: the payload is at most 74 bytes.
+        w.finish(SERIAL_MAGIC).unwrap_or_default()
+    }
+
+    /// Replaces the UART's registers and input FIFO with those of `bytes` (from
+    /// [`save_state`](Self::save_state)). The output writer, the interrupt and
+    /// input-drained eventfds and the counters stay this device's. As the hardware
+    /// would, the restored UART raises its interrupt if the state has one enabled and
+    /// pending. On any error the device is unchanged.
+    pub fn restore_state(&mut self, bytes: &[u8]) -> Result<(), PersistError> {
+        let state = decode_state(bytes)?;
+        // Keep the writer out of the old UART while the new one is built, so that a
+        // failure can give it back.
+        let out = std::mem::replace(self.uart.writer_mut(), Box::new(io::sink()));
+        let trigger = self.uart.interrupt_evt().clone();
+        let events = self.uart.events().share();
+        let placeholder: Box<dyn Write + Send> = Box::new(io::sink());
+        match Uart::from_state(&state, trigger, events, placeholder) {
+            Ok(mut uart) => {
+                *uart.writer_mut() = out;
+                self.uart = uart;
+                Ok(())
+            }
+            Err(e) => {
+                *self.uart.writer_mut() = out;
+                Err(match e {
+                    UartError::Trigger(e) | UartError::IOError(e) => PersistError::Interrupt(e),
+                    // `decode_state` bounds the FIFO.
+                    UartError::FullFifo => PersistError::TooMany {
+                        what: "serial input bytes",
+                        len: state.in_buffer.len(),
+                        max: FIFO_SIZE,
+                    },
+                })
+            }
+        }
+    }
+
     /// Reads register `reg` (0..8).
     fn read_register(&mut self, reg: u8) -> u8 {
         self.uart.read(reg)
@@ -256,6 +330,60 @@ impl Serial {
             UartError::FullFifo => {}
         }
     }
+}
+
+/// The registers of `state`, in the order they are saved.
+fn registers(state: &SerialState) -> [u8; 9] {
+    [
+        state.baud_divisor_low,
+        state.baud_divisor_high,
+        state.interrupt_enable,
+        state.interrupt_identification,
+        state.line_control,
+        state.line_status,
+        state.modem_control,
+        state.modem_status,
+        state.scratch,
+    ]
+}
+
+/// The whole state of a serial blob, checked.
+fn decode_state(bytes: &[u8]) -> Result<SerialState, PersistError> {
+    let mut r = Reader::unframe(SERIAL_MAGIC, "serial", bytes)?;
+    let mut regs = [0u8; 9];
+    for b in &mut regs {
+        *b = r.u8("UART register")?;
+    }
+    let [baud_divisor_low, baud_divisor_high, interrupt_enable, interrupt_identification, line_control, line_status, modem_control, modem_status, scratch] =
+        regs;
+    if interrupt_enable & !IER_VALID != 0 {
+        return Err(PersistError::Invalid("interrupt enable register"));
+    }
+    if interrupt_identification & !IIR_VALID != 0 || interrupt_identification == 0 {
+        return Err(PersistError::Invalid("interrupt identification register"));
+    }
+    let len = usize::from(r.u8("serial input count")?);
+    if len > FIFO_SIZE {
+        return Err(PersistError::TooMany {
+            what: "serial input bytes",
+            len,
+            max: FIFO_SIZE,
+        });
+    }
+    let in_buffer = r.take(len, "serial input bytes")?.to_vec();
+    r.end()?;
+    Ok(SerialState {
+        baud_divisor_low,
+        baud_divisor_high,
+        interrupt_enable,
+        interrupt_identification,
+        line_control,
+        line_status,
+        modem_control,
+        modem_status,
+        scratch,
+        in_buffer,
+    })
 }
 
 impl BusDevice for Serial {
@@ -429,6 +557,121 @@ mod tests {
         assert_eq!((c.bytes_out, c.write_errors), (0, 5));
         // The UART itself is unharmed.
         assert_ne!(read_reg(&mut s, LSR) & LSR_THRE, 0);
+    }
+
+    const LCR: u64 = 3;
+    const SCR: u64 = 7;
+    const LCR_DLAB: u8 = 0x80;
+
+    /// A UART the guest has set up: divisor 3, 7E1 framing, receive interrupt on, a
+    /// scratch value, and `input` waiting in the FIFO.
+    fn configured(out: Box<dyn Write + Send>, input: &[u8]) -> Serial {
+        let mut s = serial(out);
+        write_reg(&mut s, LCR, LCR_DLAB);
+        write_reg(&mut s, RBR_THR, 3);
+        write_reg(&mut s, IER, 0);
+        write_reg(&mut s, LCR, 0x1a);
+        write_reg(&mut s, IER, IER_RDA);
+        write_reg(&mut s, SCR, 0x5a);
+        assert_eq!(s.enqueue_input(input), input.len());
+        s
+    }
+
+    #[test]
+    fn state_survives_save_and_restore() {
+        let mut old = configured(Box::new(io::sink()), b"hello");
+        let bytes = old.save_state();
+        assert_eq!(&bytes[..4], b"RVSR");
+
+        let buf = SharedBuf::default();
+        let mut s = serial(Box::new(buf.clone()));
+        let irq_fd = std::os::fd::AsRawFd::as_raw_fd(s.interrupt_eventfd());
+        let drained_fd = std::os::fd::AsRawFd::as_raw_fd(s.input_drained_eventfd());
+        let metrics = Arc::clone(s.metrics());
+        s.restore_state(&bytes).unwrap();
+        assert_eq!(s.save_state(), bytes, "the same state is saved again");
+
+        // The device's own eventfds and counters are kept.
+        assert_eq!(
+            std::os::fd::AsRawFd::as_raw_fd(s.interrupt_eventfd()),
+            irq_fd
+        );
+        assert_eq!(
+            std::os::fd::AsRawFd::as_raw_fd(s.input_drained_eventfd()),
+            drained_fd
+        );
+        assert!(Arc::ptr_eq(s.metrics(), &metrics));
+        // Receive data pending with its interrupt enabled: the line is raised again.
+        assert_eq!(signals(s.interrupt_eventfd()), 1);
+
+        // The guest reads the registers it wrote and the input, in order.
+        assert_eq!(read_reg(&mut s, LCR), 0x1a);
+        assert_eq!(read_reg(&mut s, IER), IER_RDA);
+        assert_eq!(read_reg(&mut s, SCR), 0x5a);
+        assert_eq!(read_reg(&mut s, IIR) & 0x0f, 0x4, "receive data available");
+        write_reg(&mut s, LCR, 0x1a | LCR_DLAB);
+        assert_eq!((read_reg(&mut s, RBR_THR), read_reg(&mut s, IER)), (3, 0));
+        write_reg(&mut s, LCR, 0x1a);
+        assert_eq!(s.input_capacity(), FIFO - 5);
+        for &want in b"hello" {
+            assert_ne!(read_reg(&mut s, LSR) & LSR_DR, 0);
+            assert_eq!(read_reg(&mut s, RBR_THR), want);
+        }
+        assert_eq!(read_reg(&mut s, LSR) & LSR_DR, 0);
+        assert_eq!(signals(s.input_drained_eventfd()), 1);
+
+        // Output still goes to this device's writer.
+        write_reg(&mut s, RBR_THR, b'!');
+        assert_eq!(&*buf.0.lock().unwrap(), b"!");
+        assert_eq!(s.metrics().snapshot().bytes_out, 1);
+        // The old device is untouched.
+        assert_eq!(read_reg(&mut old, RBR_THR), b'h');
+    }
+
+    #[test]
+    fn bad_state_is_refused_and_changes_nothing() {
+        let bytes = configured(Box::new(io::sink()), b"0123456789").save_state();
+        crate::persist::tests::assert_damage_is_refused(&bytes, SERIAL_MAGIC, |b| {
+            let mut s = configured(Box::new(io::sink()), b"zz");
+            let before = s.save_state();
+            let result = s.restore_state(b);
+            if result.is_err() {
+                assert_eq!(s.save_state(), before, "a failed restore changed the UART");
+                assert_eq!(read_reg(&mut s, RBR_THR), b'z');
+            }
+            result
+        });
+
+        // Fields with a valid checksum that no UART has.
+        let reframe = |p: &[u8]| crate::persist::tests::reframe(SERIAL_MAGIC, 1, p);
+        let payload = crate::persist::tests::payload_of(&bytes).to_vec();
+        let mut s = serial(Box::new(io::sink()));
+        let mut p = payload.clone();
+        p[2] = 0xf1;
+        assert!(matches!(
+            s.restore_state(&reframe(&p)).unwrap_err(),
+            PersistError::Invalid("interrupt enable register")
+        ));
+        let mut p = payload.clone();
+        p[3] = 0;
+        assert!(s.restore_state(&reframe(&p)).is_err());
+        let mut p = payload[..9].to_vec();
+        p.push(65);
+        p.extend_from_slice(&[0; 65]);
+        assert!(matches!(
+            s.restore_state(&reframe(&p)).unwrap_err(),
+            PersistError::TooMany { len: 65, .. }
+        ));
+        // A full FIFO is fine.
+        p[9] = 64;
+        p.pop();
+        s.restore_state(&reframe(&p)).unwrap();
+        assert_eq!(s.input_capacity(), 0);
+        assert!(matches!(
+            s.restore_state(b"RVVM").unwrap_err(),
+            PersistError::Magic("serial")
+        ));
+        assert!(s.restore_state(&[]).is_err());
     }
 
     #[test]

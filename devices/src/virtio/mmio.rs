@@ -15,6 +15,10 @@
 //! status write that clears bits, features the device did not offer) is logged,
 //! rate-limited, and ignored or refused the way the specification lets the device
 //! refuse it; nothing panics.
+//!
+//! [`MmioTransport::save_state`] and [`MmioTransport::restore_state`] carry the
+//! transport's registers, queue configurations and interrupt state, with the device's
+//! own state, for snapshot and migration.
 
 use std::fmt;
 use std::sync::Arc;
@@ -481,5 +485,6 @@ pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
     s
 }
 
+mod persist;
 #[cfg(test)]
 mod tests;

@@ -9,6 +9,8 @@
 //!
 //! A device implements [`VirtioDevice`]; the transport owns it, negotiates features,
 //! collects the queue configuration and hands the device its [`Queue`]s at `DRIVER_OK`.
+//! For snapshot and migration the transport saves and restores its registers with the
+//! device's own state ([`MmioTransport::save_state`], [`VirtioDevice::save_device`]).
 
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::Arc;
@@ -17,6 +19,7 @@ use rangevm_memory::{GuestRam, RegionInfo};
 use virtio_bindings::virtio_mmio::{VIRTIO_MMIO_INT_CONFIG, VIRTIO_MMIO_INT_VRING};
 use vmm_sys_util::eventfd::{EventFd, EFD_CLOEXEC, EFD_NONBLOCK};
 
+use crate::persist::{PersistError, Reader, Writer};
 use crate::LogLimiter;
 
 pub mod balloon;
@@ -71,6 +74,40 @@ pub trait VirtioDevice: Send {
     fn process_queue(&mut self, index: usize);
     /// The driver reset the device: drop the queues and forget negotiated state.
     fn reset(&mut self);
+
+    /// The device's own state, decoded and checked, ready to apply.
+    type State: Send;
+    /// Writes the device's own state (what the transport does not hold) for
+    /// [`MmioTransport::save_state`]. Fails only for lists longer than
+    /// [`decode_device`](Self::decode_device) accepts.
+    fn save_device(&self, w: &mut Writer) -> Result<(), PersistError>;
+    /// Reads what [`save_device`](Self::save_device) wrote and checks it against the
+    /// transport state it comes with, without changing the device (every read checked,
+    /// counts bounded before anything is allocated).
+    fn decode_device(
+        &self,
+        r: &mut Reader<'_>,
+        transport: &RestoreContext<'_>,
+    ) -> Result<Self::State, PersistError>;
+    /// Applies a decoded state. If the transport was active, it has just called
+    /// [`activate`](Self::activate) with queues built from the restored configurations
+    /// (at ring position 0); the device moves them to their saved positions. Must not
+    /// read or write the rings, nor raise an interrupt.
+    fn restore_device(&mut self, state: Self::State);
+}
+
+/// The transport's part of a state being restored, for the device to check its own
+/// part against.
+#[derive(Debug)]
+pub struct RestoreContext<'a> {
+    /// The driver had set `DRIVER_OK` and the device accepted it.
+    pub activated: bool,
+    /// The features the driver accepted.
+    pub acked_features: u64,
+    /// The queue configurations, by index.
+    pub queues: &'a [QueueConfig],
+    /// The guest memory the queues live in.
+    pub ram: &'a GuestRam,
 }
 
 /// The interrupt line of one virtio-mmio device, shared by the transport and its
@@ -110,6 +147,16 @@ impl VirtioInterrupt {
     /// The `ConfigGeneration` register.
     pub fn config_generation(&self) -> u32 {
         self.config_generation.load(Ordering::Acquire)
+    }
+
+    /// Puts back saved `InterruptStatus` bits and `ConfigGeneration`, and whether the
+    /// driver is running, without signalling the eventfd (the guest had the interrupt
+    /// delivered already if it was pending).
+    pub(crate) fn restore(&self, status: u32, config_generation: u32, driver_ok: bool) {
+        self.driver_ok.store(driver_ok, Ordering::Release);
+        self.status.store(status, Ordering::Release);
+        self.config_generation
+            .store(config_generation, Ordering::Release);
     }
 
     /// The driver acknowledged the bits `ack` (`InterruptACK`).

@@ -197,9 +197,31 @@ impl Queue {
         }
     }
 
+    /// A queue resuming at a saved position: the next available-ring entry to pop is
+    /// `next_avail`, the next used-ring entry to fill is `next_used` (both free-running
+    /// 16-bit indices, as the rings' `idx` fields). For a restore; nothing in guest
+    /// memory is read or written.
+    pub fn with_position(config: QueueConfig, next_avail: u16, next_used: u16) -> Self {
+        Queue {
+            config,
+            next_avail,
+            next_used,
+        }
+    }
+
     /// The configuration it was created from.
     pub fn config(&self) -> &QueueConfig {
         &self.config
+    }
+
+    /// The index of the next available-ring entry the device will pop.
+    pub fn next_avail(&self) -> u16 {
+        self.next_avail
+    }
+
+    /// The index of the next used-ring entry the device will fill.
+    pub fn next_used(&self) -> u16 {
+        self.next_used
     }
 
     fn read_u16(ram: &GuestRam, addr: u64) -> Result<u16, GuestRamError> {

@@ -44,6 +44,44 @@ pub enum Ctl {
         #[command(subcommand)]
         action: BalloonAction,
     },
+    /// Live migration: send the running guest to a destination started with
+    /// `rangevm run --incoming ADDR`, follow its progress, cancel it.
+    Migrate {
+        /// What to do.
+        #[command(subcommand)]
+        action: MigrateAction,
+    },
+}
+
+/// Migration actions.
+#[derive(Debug, Clone, Subcommand)]
+pub enum MigrateAction {
+    /// Migrate the guest to ADDR (tcp:HOST:PORT or unix:PATH): a full pass over its
+    /// memory while it runs, rounds of the pages it dirties until the rest fits the
+    /// downtime target, then a short pause for the last pages and the vCPU and device
+    /// state. Shows a progress bar on standard error and prints the final status as
+    /// JSON; exits 0 once the guest runs on the destination (the source VMM then
+    /// exits), 1 if the migration failed (the guest keeps running here).
+    Send {
+        /// The destination.
+        #[arg(value_name = "ADDR")]
+        url: String,
+        /// Switch over once the remaining dirty pages would take at most this long to
+        /// send at the measured bandwidth, in ms.
+        #[arg(long, value_name = "MS", default_value_t = crate::migration::DEFAULT_DOWNTIME_MS)]
+        downtime_target: u64,
+        /// Switch over after this many rounds of dirty pages even if the downtime
+        /// target is not met (a guest that dirties memory faster than the link).
+        #[arg(long, value_name = "N", default_value_t = crate::migration::DEFAULT_MAX_ROUNDS)]
+        max_rounds: u32,
+        /// Start it and return at once; follow it with `migrate status`.
+        #[arg(long)]
+        detach: bool,
+    },
+    /// Phase, round, bytes sent, dirty rate, bandwidth, expected and actual downtime.
+    Status,
+    /// Stop a migration before switch-over; the guest keeps running here.
+    Cancel,
 }
 
 /// VM actions.
@@ -107,6 +145,24 @@ impl Ctl {
                 BalloonAction::Set { size } => ("balloon.set", json!({ "bytes": size })),
                 BalloonAction::Stats => ("balloon.stats", serde_json::Value::Null),
             },
+            Ctl::Migrate { action } => match action {
+                MigrateAction::Send {
+                    url,
+                    downtime_target,
+                    max_rounds,
+                    detach,
+                } => (
+                    "migrate.send",
+                    json!({
+                        "url": url,
+                        "downtime_ms": downtime_target,
+                        "max_rounds": max_rounds,
+                        "watch": !detach,
+                    }),
+                ),
+                MigrateAction::Status => ("migrate.status", serde_json::Value::Null),
+                MigrateAction::Cancel => ("migrate.cancel", serde_json::Value::Null),
+            },
         };
         Request {
             version: VERSION,
@@ -118,6 +174,15 @@ impl Ctl {
 
 /// Sends one request and returns the VM's result.
 pub fn send(socket: &std::path::Path, request: &Request) -> Result<serde_json::Value, ApiError> {
+    send_keep(socket, request).map(|(result, _)| result)
+}
+
+/// Sends one request; returns the VM's result and the connection, for the status
+/// lines a watched `migrate.send` writes after its answer.
+fn send_keep(
+    socket: &std::path::Path,
+    request: &Request,
+) -> Result<(serde_json::Value, BufReader<UnixStream>), ApiError> {
     let mut stream = UnixStream::connect(socket).map_err(|source| ApiError::Socket {
         path: socket.to_path_buf(),
         source,
@@ -128,13 +193,12 @@ pub fn send(socket: &std::path::Path, request: &Request) -> Result<serde_json::V
     line.push('\n');
     stream.write_all(line.as_bytes()).map_err(ApiError::Io)?;
     let mut answer = String::new();
-    BufReader::new(stream)
-        .read_line(&mut answer)
-        .map_err(ApiError::Io)?;
+    let mut reader = BufReader::new(stream);
+    reader.read_line(&mut answer).map_err(ApiError::Io)?;
     let response: Response = serde_json::from_str(answer.trim())
         .map_err(|e| ApiError::BadResponse(format!("{e}: {:?}", answer.trim())))?;
     if response.ok {
-        Ok(response.result)
+        Ok((response.result, reader))
     } else {
         Err(ApiError::Refused(
             response.error.unwrap_or_else(|| "no reason given".into()),
@@ -142,9 +206,86 @@ pub fn send(socket: &std::path::Path, request: &Request) -> Result<serde_json::V
     }
 }
 
+/// Follows a watched migration: a progress line on standard error (redrawn in place
+/// on a terminal, one line per round otherwise), then the final status.
+fn watch_migration(
+    mut reader: BufReader<UnixStream>,
+    first: serde_json::Value,
+) -> Result<serde_json::Value, ApiError> {
+    use crate::migration::status::{MigrationStatus, Phase};
+    let _ = reader
+        .get_ref()
+        .set_read_timeout(Some(Duration::from_secs(120)));
+    // SAFETY: isatty only inspects file descriptor 2.
+    let tty = unsafe { libc::isatty(libc::STDERR_FILENO) } == 1;
+    let mut last: serde_json::Value = first;
+    let mut last_round = None;
+    let mut line = String::new();
+    loop {
+        line.clear();
+        match reader.read_line(&mut line) {
+            Ok(0) => break,
+            Ok(_) => {}
+            Err(e) => {
+                if tty {
+                    eprintln!();
+                }
+                return Err(ApiError::Io(e));
+            }
+        }
+        let Ok(value) = serde_json::from_str::<serde_json::Value>(line.trim()) else {
+            continue;
+        };
+        if let Ok(status) = serde_json::from_value::<MigrationStatus>(value.clone()) {
+            if tty {
+                eprint!("\r\x1b[K{}", status.line());
+            } else if status.finished() || last_round != Some((status.round, status.phase)) {
+                eprintln!("{}", status.line());
+            }
+            last_round = Some((status.round, status.phase));
+            let done = status.finished();
+            last = value;
+            if done {
+                if tty {
+                    eprintln!();
+                }
+                match status.phase {
+                    Phase::Completed => break,
+                    _ => {
+                        println!(
+                            "{}",
+                            serde_json::to_string_pretty(&last).unwrap_or_default()
+                        );
+                        return Err(ApiError::MigrationFailed(status.line()));
+                    }
+                }
+            }
+        }
+    }
+    let status: Option<MigrationStatus> = serde_json::from_value(last.clone()).ok();
+    if status.as_ref().map(|s| s.phase) != Some(Phase::Completed) {
+        return Err(ApiError::MigrationFailed(
+            "The VM closed the connection before the migration ended (see the source's log)".into(),
+        ));
+    }
+    Ok(last)
+}
+
 /// Runs `rangevm ctl`: prints the result as pretty JSON.
 pub fn run(args: &CtlArgs) -> Result<(), ApiError> {
-    let result = send(&args.api_socket, &args.what.request())?;
+    let request = args.what.request();
+    let watched = request.command == "migrate.send"
+        && request
+            .args
+            .get("watch")
+            .and_then(serde_json::Value::as_bool)
+            == Some(true);
+    let result = if watched {
+        let (first, reader) = send_keep(&args.api_socket, &request)?;
+        watch_migration(reader, first)?
+    } else {
+        send(&args.api_socket, &request)?
+    };
     println!(
         "{}",
         serde_json::to_string_pretty(&result).unwrap_or_else(|_| result.to_string())

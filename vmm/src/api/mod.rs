@@ -12,7 +12,11 @@
 //! ```
 //!
 //! Commands: `vm.info`, `vm.pause`, `vm.resume`, `vm.shutdown`, `dirty.start`,
-//! `dirty.harvest`, `dirty.stop`, `balloon.set` (`args.bytes`), `balloon.stats`. A
+//! `dirty.harvest`, `dirty.stop`, `balloon.set` (`args.bytes`), `balloon.stats`,
+//! `migrate.send` (`args.url`, optional `downtime_ms`, `max_rounds`, `watch`),
+//! `migrate.status`, `migrate.cancel`. With `watch: true`, `migrate.send` keeps the
+//! connection open after its answer and writes one JSON status line every ~200 ms
+//! until the migration ends (the one exception to one answer per connection). A
 //! request that makes no sense (not JSON, another version, an unknown command, bad
 //! arguments, longer than [`MAX_REQUEST`]) gets `ok: false` with a sentence, and the VM
 //! keeps running.
@@ -49,6 +53,9 @@ pub enum ApiError {
     /// The VM refused the request.
     #[error("The VM refused the request: {0}")]
     Refused(String),
+    /// A migration did not complete.
+    #[error("{0}")]
+    MigrationFailed(String),
 }
 
 /// A request as it travels.
@@ -109,8 +116,24 @@ impl Response {
     }
 }
 
+/// The arguments of `migrate.send`, checked.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MigrateArgs {
+    /// `tcp:HOST:PORT` or `unix:PATH`.
+    pub url: String,
+    /// The downtime target in ms.
+    pub downtime_ms: u64,
+    /// The round limit.
+    pub max_rounds: u32,
+    /// Stream status lines on this connection until the end.
+    pub watch: bool,
+}
+
+/// The most rounds `migrate.send` accepts as a limit.
+pub const MAX_ROUNDS_LIMIT: u32 = 10_000;
+
 /// What a request asks for, checked.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Command {
     /// `vm.info`.
     VmInfo,
@@ -130,6 +153,50 @@ pub enum Command {
     BalloonSet(u64),
     /// `balloon.stats`.
     BalloonStats,
+    /// `migrate.send`.
+    MigrateSend(MigrateArgs),
+    /// `migrate.status`.
+    MigrateStatus,
+    /// `migrate.cancel`.
+    MigrateCancel,
+}
+
+fn migrate_args(args: &serde_json::Value) -> Result<MigrateArgs, String> {
+    let url = args
+        .get("url")
+        .and_then(serde_json::Value::as_str)
+        .ok_or("migrate.send needs args.url, as in tcp:HOST:PORT or unix:PATH")?;
+    url.parse::<crate::migration::transport::MigrationAddr>()
+        .map_err(|e| e.to_string())?;
+    let number = |key: &str, default: u64| -> Result<u64, String> {
+        match args.get(key) {
+            None | Some(serde_json::Value::Null) => Ok(default),
+            Some(v) => v
+                .as_u64()
+                .ok_or_else(|| format!("migrate.send: args.{key} must be a whole number")),
+        }
+    };
+    let downtime_ms = number("downtime_ms", crate::migration::DEFAULT_DOWNTIME_MS)?;
+    if downtime_ms == 0 || downtime_ms > 3_600_000 {
+        return Err("migrate.send: args.downtime_ms must be 1 to 3600000 ms".into());
+    }
+    let max_rounds = u32::try_from(number(
+        "max_rounds",
+        u64::from(crate::migration::DEFAULT_MAX_ROUNDS),
+    )?)
+    .ok()
+    .filter(|&r| r <= MAX_ROUNDS_LIMIT)
+    .ok_or_else(|| format!("migrate.send: args.max_rounds must be 0 to {MAX_ROUNDS_LIMIT}"))?;
+    let watch = args
+        .get("watch")
+        .and_then(serde_json::Value::as_bool)
+        .unwrap_or(false);
+    Ok(MigrateArgs {
+        url: url.to_string(),
+        downtime_ms,
+        max_rounds,
+        watch,
+    })
 }
 
 /// Parses one request line; the error is the sentence the client gets back.
@@ -158,6 +225,9 @@ pub fn parse_request(line: &[u8]) -> Result<Command, String> {
                 .and_then(serde_json::Value::as_u64)
                 .ok_or("balloon.set needs args.bytes, a number of bytes")?,
         ),
+        "migrate.send" => Command::MigrateSend(migrate_args(&request.args)?),
+        "migrate.status" => Command::MigrateStatus,
+        "migrate.cancel" => Command::MigrateCancel,
         other => return Err(format!("Unknown command '{other}'")),
     })
 }
@@ -176,6 +246,17 @@ mod tests {
             parse_request(br#"{"version":1,"command":"balloon.set","args":{"bytes":4096}}"#),
             Ok(Command::BalloonSet(4096))
         );
+        assert_eq!(
+            parse_request(
+                br#"{"version":1,"command":"migrate.send","args":{"url":"tcp:127.0.0.1:4444"}}"#
+            ),
+            Ok(Command::MigrateSend(MigrateArgs {
+                url: "tcp:127.0.0.1:4444".into(),
+                downtime_ms: 300,
+                max_rounds: 30,
+                watch: false,
+            }))
+        );
         for (bad, says) in [
             (&b"\x00\xffgarbage"[..], "not a JSON"),
             (br#"{"version":2,"command":"vm.info"}"#, "version 2"),
@@ -189,6 +270,19 @@ mod tests {
                 "args.bytes",
             ),
             (br#"[1,2,3]"#, "not a JSON"),
+            (br#"{"version":1,"command":"migrate.send"}"#, "args.url"),
+            (
+                br#"{"version":1,"command":"migrate.send","args":{"url":"ftp:x"}}"#,
+                "not a migration address",
+            ),
+            (
+                br#"{"version":1,"command":"migrate.send","args":{"url":"tcp:h:1","downtime_ms":0}}"#,
+                "downtime_ms",
+            ),
+            (
+                br#"{"version":1,"command":"migrate.send","args":{"url":"tcp:h:1","max_rounds":-3}}"#,
+                "max_rounds",
+            ),
         ] {
             let err = parse_request(bad).unwrap_err();
             assert!(err.contains(says), "{err}");

@@ -16,6 +16,7 @@ use vmm_sys_util::epoll::EventSet;
 
 use super::{parse_request, ApiError, Command, Response, MAX_REQUEST};
 use crate::machine::Machine;
+use crate::migration::slot::Migrations;
 
 /// A request read off a connection, waiting for the event loop.
 #[derive(Debug)]
@@ -201,10 +202,18 @@ pub enum After {
     Continue,
     /// Shut the VM down.
     Shutdown,
+    /// Answer but keep the connection: a migration writes its status lines to it.
+    Watch,
 }
 
-/// Carries out `command` on `machine`.
-pub fn execute(machine: &mut Machine, command: Command) -> (Response, After) {
+/// Carries out `command` on `machine`; `stream` is the request's connection (kept by a
+/// watched `migrate.send`).
+pub fn execute(
+    machine: &mut Machine,
+    migrations: &mut Migrations,
+    command: Command,
+    stream: &UnixStream,
+) -> (Response, After) {
     let fail = |e: &dyn std::error::Error| {
         let mut why = e.to_string();
         let mut source = e.source();
@@ -251,8 +260,27 @@ pub fn execute(machine: &mut Machine, command: Command) -> (Response, After) {
         },
         Command::BalloonSet(bytes) => balloon_set(machine, bytes),
         Command::BalloonStats => balloon_stats(machine),
+        Command::MigrateSend(args) => {
+            let response = migrations.send(machine, &args, stream);
+            if response.ok && args.watch {
+                return (response, After::Watch);
+            }
+            response
+        }
+        Command::MigrateStatus => migrations.status(),
+        Command::MigrateCancel => migrations.cancel(),
     };
     (response, After::Continue)
+}
+
+/// Writes `response` to `stream` and leaves the connection open (a watched migration
+/// writes to its clone).
+pub fn answer_keep(mut stream: UnixStream, response: &Response) {
+    let _ = stream.set_nonblocking(false);
+    let _ = stream.set_write_timeout(Some(Duration::from_secs(1)));
+    if let Err(e) = stream.write_all(response.to_line().as_bytes()) {
+        log::info!("API: cannot answer a client: {e}");
+    }
 }
 
 /// Writes `response` to `stream` (blocking, bounded by a timeout: a client that does

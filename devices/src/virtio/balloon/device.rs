@@ -12,10 +12,14 @@ use super::{
     STAT_TAGS, VIRTIO_BALLOON_F_DEFLATE_ON_OOM, VIRTIO_BALLOON_F_REPORTING,
     VIRTIO_BALLOON_F_STATS_VQ, VIRTIO_BALLOON_PFN_SHIFT, VIRTIO_ID_BALLOON,
 };
+pub use persist::BalloonState;
+
+use crate::persist::{PersistError, Reader, Writer};
 use crate::virtio::mmio::error_chain;
 use crate::virtio::queue::{Chain, Popped, Queue};
 use crate::virtio::{
-    in_ram, in_regions, usize_of, VirtioDevice, VirtioError, VirtioInterrupt, VIRTIO_F_VERSION_1,
+    in_ram, in_regions, usize_of, RestoreContext, VirtioDevice, VirtioError, VirtioInterrupt,
+    VIRTIO_F_VERSION_1,
 };
 use crate::{log_limited, LogLimiter};
 
@@ -723,9 +727,6 @@ impl VirtioDevice for Balloon {
     ) -> Result<(), VirtioError> {
         let page = self.page_size_override.unwrap_or(ram.page_size());
         let tracker = HostPageTracker::new(page).map_err(|e| VirtioError::Activate(e.into()))?;
-        if tracker.page_size() != self.tracker.page_size() {
-            self.tracker = tracker;
-        }
         let mut roles = vec![Role::Inflate, Role::Deflate];
         if acked_features & (1 << VIRTIO_BALLOON_F_STATS_VQ) != 0 {
             roles.push(Role::Stats);
@@ -752,6 +753,9 @@ impl VirtioDevice for Balloon {
                     role.name()
                 );
             }
+        }
+        if tracker.page_size() != self.tracker.page_size() {
+            self.tracker = tracker;
         }
         self.acked = acked_features;
         self.queues = queues;
@@ -796,7 +800,26 @@ impl VirtioDevice for Balloon {
         self.stats_head = None;
         self.ram = None;
     }
+
+    type State = BalloonState;
+
+    fn save_device(&self, w: &mut Writer) -> Result<(), PersistError> {
+        self.save(w)
+    }
+
+    fn decode_device(
+        &self,
+        r: &mut Reader<'_>,
+        transport: &RestoreContext<'_>,
+    ) -> Result<BalloonState, PersistError> {
+        self.decode(r, transport)
+    }
+
+    fn restore_device(&mut self, state: BalloonState) {
+        self.restore(state);
+    }
 }
 
+mod persist;
 #[cfg(test)]
 mod tests;

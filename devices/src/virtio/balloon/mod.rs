@@ -18,7 +18,9 @@
 mod device;
 mod metrics;
 
-pub use device::{Balloon, BalloonConfig, BalloonStats, HostPageTracker, MAX_PFN_BUFFER};
+pub use device::{
+    Balloon, BalloonConfig, BalloonState, BalloonStats, HostPageTracker, MAX_PFN_BUFFER,
+};
 pub use metrics::BalloonMetrics;
 
 use rangevm_memory::GuestRamError;

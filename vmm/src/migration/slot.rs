@@ -1,0 +1,106 @@
+//! The event loop's side of outgoing migrations: at most one at a time, started by
+//! `migrate.send`, watched by `migrate.status`, stopped by `migrate.cancel`.
+
+use std::os::unix::net::UnixStream;
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::json;
+
+use super::control::{machine_channel, MachineCalls, MachineCtl};
+use super::source::{self, Outgoing, SourceOptions};
+use super::status::MigrationStatus;
+use super::transport::MigrationAddr;
+use crate::api::{MigrateArgs, Response};
+use crate::machine::Machine;
+
+/// The migrations of one VM.
+#[derive(Debug)]
+pub struct Migrations {
+    ctl: MachineCtl,
+    calls: MachineCalls,
+    outgoing: Option<Outgoing>,
+}
+
+impl Migrations {
+    /// No migration yet.
+    pub fn new() -> std::io::Result<Self> {
+        let (ctl, calls) = machine_channel()?;
+        Ok(Migrations {
+            ctl,
+            calls,
+            outgoing: None,
+        })
+    }
+
+    /// The requests a migration thread makes of the machine.
+    pub fn calls(&self) -> &MachineCalls {
+        &self.calls
+    }
+
+    /// `migrate.send`: starts a migration unless one is under way. With `watch`, the
+    /// migration writes status lines to (a clone of) `stream`.
+    pub fn send(&mut self, machine: &Machine, args: &MigrateArgs, stream: &UnixStream) -> Response {
+        if self.outgoing.as_ref().is_some_and(Outgoing::active) {
+            return Response::err("A migration is already under way (migrate status)");
+        }
+        if machine.info().state != "running" {
+            return Response::err("The VM is paused: resume it (vm resume) before migrating it");
+        }
+        let addr: MigrationAddr = match args.url.parse() {
+            Ok(a) => a,
+            Err(e) => return Response::err(e.to_string()),
+        };
+        let watch = if args.watch {
+            match stream.try_clone() {
+                Ok(w) => {
+                    let _ = w.set_nonblocking(false);
+                    let _ = w.set_write_timeout(Some(Duration::from_secs(2)));
+                    Some(w)
+                }
+                Err(e) => return Response::err(format!("Cannot keep the API connection: {e}")),
+            }
+        } else {
+            None
+        };
+        let opts = SourceOptions {
+            addr,
+            downtime_target: Duration::from_millis(args.downtime_ms),
+            max_rounds: args.max_rounds,
+        };
+        match source::start(
+            opts,
+            Arc::clone(machine.ram()),
+            u32::from(machine.info().cpus),
+            self.ctl.clone(),
+            watch,
+        ) {
+            Ok(outgoing) => {
+                let status = outgoing.status.get();
+                self.outgoing = Some(outgoing);
+                Response::ok(json!(status))
+            }
+            Err(e) => Response::err(format!("Cannot start the migration thread: {e}")),
+        }
+    }
+
+    /// `migrate.status`.
+    pub fn status(&self) -> Response {
+        let status = self
+            .outgoing
+            .as_ref()
+            .map_or_else(MigrationStatus::idle, |o| o.status.get());
+        Response::ok(json!(status))
+    }
+
+    /// `migrate.cancel`: a migration before switch-over stops and the guest runs on.
+    pub fn cancel(&self) -> Response {
+        match &self.outgoing {
+            Some(o) if o.active() => {
+                o.cancel();
+                Response::ok(json!({"cancelling": true}))
+            }
+            _ => Response::err("No migration is under way"),
+        }
+    }
+}

@@ -1,0 +1,630 @@
+//! The sending side of a precopy migration, on a thread of its own while the guest
+//! keeps running: a full pass over guest memory, rounds of dirty pages until the rest
+//! fits the downtime target at the measured bandwidth (or a round limit), then pause,
+//! the last dirty pages, the vCPU and device state, and `Complete`. The source ends
+//! only once the destination says the guest runs there; every failure before that
+//! resumes the guest here.
+
+use std::io::{BufReader, BufWriter, Write};
+use std::os::unix::net::UnixStream;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use rangevm_memory::{GuestRam, GuestRamError};
+
+use super::control::{MachineCtl, MachineReply, MachineRequest};
+use super::protocol::{
+    max_run_pages, AckKind, Arch, Decoder, Encoder, Header, Message, MessageType, PageRun,
+    ProtocolError, Region, Round, SwitchMode,
+};
+use super::status::{MigrationStatus, Phase, SharedStatus};
+use super::transport::{MigrationAddr, Stream, TransportError};
+use crate::machine::MachineState;
+
+/// How long to wait for the destination to connect, accept the header or answer.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a write may block (a destination that stopped reading).
+const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long the destination may take to restore the state and start the guest.
+const RUNNING_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long the machine may take to answer a migration request.
+const MACHINE_TIMEOUT: Duration = Duration::from_secs(30);
+/// Rounds that send less than this do not update the bandwidth estimate.
+const MIN_BANDWIDTH_SAMPLE: u64 = 1 << 20;
+
+/// Errors of the sending side.
+#[derive(Debug, thiserror::Error)]
+pub enum SourceError {
+    /// No connection.
+    #[error(transparent)]
+    Transport(#[from] TransportError),
+    /// The stream failed.
+    #[error("The migration stream failed")]
+    Protocol(#[from] ProtocolError),
+    /// The socket could not be configured.
+    #[error("Cannot configure the migration socket")]
+    Socket(#[source] std::io::Error),
+    /// The machine could not do what the migration needs.
+    #[error("The VM could not {what}: {why}")]
+    Machine {
+        /// What.
+        what: &'static str,
+        /// Why.
+        why: String,
+    },
+    /// Reading guest memory failed.
+    #[error("Cannot read guest memory")]
+    Memory(#[from] GuestRamError),
+    /// This host's architecture has no migration support.
+    #[error("This host's architecture cannot migrate")]
+    Arch,
+    /// The destination answered with something other than what it should.
+    #[error("The destination answered {0} instead of accepting")]
+    Refused(String),
+    /// `migrate cancel`.
+    #[error("Cancelled")]
+    Cancelled,
+}
+
+/// What `migrate send` asked for.
+#[derive(Debug, Clone)]
+pub struct SourceOptions {
+    /// The destination.
+    pub addr: MigrationAddr,
+    /// Switch over once the remaining dirty set would take at most this long.
+    pub downtime_target: Duration,
+    /// Switch over after this many dirty rounds even if the target is not met.
+    pub max_rounds: u32,
+}
+
+/// A running or finished outgoing migration.
+#[derive(Debug)]
+pub struct Outgoing {
+    /// Its status.
+    pub status: SharedStatus,
+    cancel: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Outgoing {
+    /// Whether it is still going.
+    pub fn active(&self) -> bool {
+        !self.status.get().finished()
+    }
+
+    /// Asks it to stop before switch-over (it resumes nothing that was not paused).
+    pub fn cancel(&self) {
+        self.cancel.store(true, Ordering::Release);
+    }
+}
+
+impl Drop for Outgoing {
+    fn drop(&mut self) {
+        self.cancel();
+        // Not joined: a thread blocked on a dead peer ends with its socket timeout.
+        drop(self.thread.take());
+    }
+}
+
+/// Starts sending. `watch`, if given, gets one JSON status line every ~200 ms and a
+/// last one when the migration ends.
+pub fn start(
+    opts: SourceOptions,
+    ram: Arc<GuestRam>,
+    cpus: u32,
+    ctl: MachineCtl,
+    watch: Option<UnixStream>,
+) -> std::io::Result<Outgoing> {
+    let mut initial = MigrationStatus::idle();
+    initial.phase = Phase::Connecting;
+    initial.destination = opts.addr.to_string();
+    initial.max_rounds = opts.max_rounds;
+    initial.memory_bytes = ram.size();
+    initial.downtime_target_ms =
+        u64::try_from(opts.downtime_target.as_millis()).unwrap_or(u64::MAX);
+    let status = SharedStatus::new(initial);
+    let cancel = Arc::new(AtomicBool::new(false));
+    let mut sender = Sender {
+        opts,
+        ram,
+        cpus,
+        ctl,
+        status: status.clone(),
+        cancel: Arc::clone(&cancel),
+        watch,
+        last_watch: Instant::now(),
+        paused: false,
+        dirty_log: false,
+    };
+    let thread = std::thread::Builder::new()
+        .name("migrate-send".into())
+        .spawn(move || sender.main())?;
+    Ok(Outgoing {
+        status,
+        cancel,
+        thread: Some(thread),
+    })
+}
+
+struct Sender {
+    opts: SourceOptions,
+    ram: Arc<GuestRam>,
+    cpus: u32,
+    ctl: MachineCtl,
+    status: SharedStatus,
+    cancel: Arc<AtomicBool>,
+    watch: Option<UnixStream>,
+    last_watch: Instant,
+    paused: bool,
+    dirty_log: bool,
+}
+
+/// How the sending ended, if not with an error before `Complete`.
+enum End {
+    /// The destination runs the guest.
+    Running,
+    /// The destination refused after `Complete` (it did not start).
+    RefusedAfterComplete(String),
+    /// No answer after `Complete`: the destination's state is unknown.
+    Unknown(String),
+}
+
+type Enc = Encoder<BufWriter<Stream>>;
+type Dec = Decoder<BufReader<Stream>>;
+
+impl Sender {
+    fn main(&mut self) {
+        log::info!("Migration to {} started", self.opts.addr);
+        let result = self.run();
+        match result {
+            Ok(End::Running) => {
+                self.status.update(|s| s.phase = Phase::Completed);
+                let st = self.status.get();
+                log::info!("{}", st.line());
+                self.write_watch(true);
+                let _ = self.ctl.call(MachineRequest::Migrated, MACHINE_TIMEOUT);
+            }
+            Ok(End::RefusedAfterComplete(why)) => {
+                self.recover();
+                self.fail(format!("The destination did not start the guest: {why}"));
+            }
+            Ok(End::Unknown(why)) => {
+                let msg = format!(
+                    "The whole state was sent but the destination did not confirm it runs \
+                     the guest ({why}). The guest stays paused here: check the destination, \
+                     and resume this one (vm resume) only if it did not start"
+                );
+                log::error!("{msg}");
+                self.status.update(|s| {
+                    s.phase = Phase::Unknown;
+                    s.error = Some(msg);
+                });
+                self.write_watch(true);
+            }
+            Err(e) => {
+                self.recover();
+                self.fail(super::chain(&e));
+            }
+        }
+    }
+
+    /// Undoes what the migration did to the machine: resume, dirty logging off.
+    fn recover(&mut self) {
+        if self.paused {
+            match self.ctl.call(MachineRequest::Resume, MACHINE_TIMEOUT) {
+                Ok(_) => self.paused = false,
+                Err(why) => log::error!("Cannot resume the guest after a failed migration: {why}"),
+            }
+        }
+        if self.dirty_log {
+            if let Err(why) = self.ctl.call(MachineRequest::StopDirtyLog, MACHINE_TIMEOUT) {
+                log::warn!("Cannot turn dirty logging off after a failed migration: {why}");
+            }
+            self.dirty_log = false;
+        }
+    }
+
+    fn fail(&mut self, why: String) {
+        log::error!(
+            "Migration to {} failed; the guest keeps running here: {why}",
+            self.opts.addr
+        );
+        self.status.update(|s| {
+            s.phase = Phase::Failed;
+            s.error = Some(why);
+        });
+        self.write_watch(true);
+    }
+
+    fn write_watch(&mut self, force: bool) {
+        if !force && self.last_watch.elapsed() < Duration::from_millis(200) {
+            return;
+        }
+        self.last_watch = Instant::now();
+        if let Some(w) = &mut self.watch {
+            let line = serde_json::to_string(&self.status.get()).unwrap_or_default();
+            if writeln!(w, "{line}").is_err() {
+                // The watching CLI went away; the migration goes on.
+                self.watch = None;
+            }
+        }
+    }
+
+    fn machine(
+        &self,
+        request: MachineRequest,
+        what: &'static str,
+    ) -> Result<MachineReply, SourceError> {
+        self.ctl
+            .call(request, MACHINE_TIMEOUT)
+            .map_err(|why| SourceError::Machine { what, why })
+    }
+
+    fn check_cancel(&self) -> Result<(), SourceError> {
+        if self.cancel.load(Ordering::Acquire) {
+            Err(SourceError::Cancelled)
+        } else {
+            Ok(())
+        }
+    }
+
+    fn header(&self) -> Result<Header, SourceError> {
+        let arch = Arch::host().ok_or(SourceError::Arch)?;
+        let page_shift = u8::try_from(self.ram.page_size().trailing_zeros()).unwrap_or(0);
+        let regions = self
+            .ram
+            .regions()
+            .iter()
+            .map(|r| Region {
+                gpa: r.start,
+                size: r.size,
+            })
+            .collect();
+        let mut header = Header::new(arch, page_shift, self.cpus, regions, 0);
+        header.session_id = session_id();
+        Ok(header)
+    }
+
+    fn run(&mut self) -> Result<End, SourceError> {
+        let stream = Stream::connect(&self.opts.addr, CONNECT_TIMEOUT)?;
+        stream
+            .set_timeouts(Some(CONNECT_TIMEOUT), Some(WRITE_TIMEOUT))
+            .map_err(SourceError::Socket)?;
+        let reader = stream.try_clone().map_err(SourceError::Socket)?;
+        let header = self.header()?;
+        let page_shift = header.page_shift;
+        let mut enc: Enc = Encoder::new(BufWriter::with_capacity(1 << 20, stream));
+        let mut dec: Dec = Decoder::new(BufReader::new(reader));
+        dec.expect_page_shift(page_shift);
+        enc.send(&Message::Header(header))?;
+        enc.flush()?;
+        match dec.recv_expecting(&[MessageType::Ack])? {
+            Message::Ack(AckKind::Accepted) => {}
+            other => return Err(SourceError::Refused(format!("{other:?}"))),
+        }
+        log::info!("The destination {} accepted the migration", self.opts.addr);
+
+        self.machine(MachineRequest::StartDirtyLog, "start dirty logging")?;
+        self.dirty_log = true;
+        let page = self.ram.page_size();
+        let target_ms = self.status.get().downtime_target_ms;
+        let mut pending: Vec<u64> = Vec::new();
+        let mut bandwidth = 0u64;
+        let mut round = 0u32;
+        let mut last_harvest = Instant::now();
+        let mut converged;
+        loop {
+            self.status.update(|s| {
+                s.phase = Phase::Precopy;
+                s.round = round;
+                s.round_done = 0;
+            });
+            let bytes_before = enc.bytes_written();
+            let t = Instant::now();
+            if round == 0 {
+                let total = self.ram.size() / page;
+                self.status.update(|s| s.round_pages = total);
+                for r in self.ram.regions() {
+                    let mut gpa = r.start;
+                    while gpa < r.end() {
+                        self.check_cancel()?;
+                        let n = max_run_pages(page_shift).max(1);
+                        let count = ((r.end() - gpa) / page).min(u64::from(n));
+                        self.send_range(&mut enc, gpa, count, page_shift)?;
+                        gpa += count * page;
+                    }
+                }
+            } else {
+                self.status.update(|s| s.round_pages = pending.len() as u64);
+                self.send_list(&mut enc, &pending, page_shift)?;
+            }
+            let sent = enc.bytes_written() - bytes_before;
+            let secs = t.elapsed().as_secs_f64().max(1e-6);
+            if sent >= MIN_BANDWIDTH_SAMPLE || bandwidth == 0 {
+                bandwidth = per_second(sent, t.elapsed()).max(1);
+            }
+            let dirty =
+                match self.machine(MachineRequest::HarvestDirty, "harvest the dirty pages")? {
+                    MachineReply::Dirty(d) => d,
+                    _ => Vec::new(),
+                };
+            let since = last_harvest.elapsed();
+            last_harvest = Instant::now();
+            let dirty_bytes = dirty.len() as u64 * page;
+            let expected_ms = dirty_bytes.saturating_mul(1000) / bandwidth;
+            enc.send(&Message::RoundEnd(Round {
+                round,
+                dirty_bytes,
+                dirty_rate: per_second(dirty_bytes, since),
+            }))?;
+            self.status.update(|s| {
+                s.dirty_pages = dirty.len() as u64;
+                s.dirty_rate = per_second(dirty_bytes, since);
+                s.bandwidth = bandwidth;
+                s.expected_downtime_ms = expected_ms;
+            });
+            log::info!(
+                "Round {round}: {sent} bytes in {:.0} ms; {} pages dirty, expected downtime {expected_ms} ms",
+                secs * 1e3,
+                dirty.len()
+            );
+            self.write_watch(true);
+            pending = dirty;
+            converged = expected_ms <= target_ms;
+            if converged || round >= self.opts.max_rounds {
+                break;
+            }
+            round += 1;
+        }
+        self.status.update(|s| s.converged = converged);
+        self.check_cancel()?;
+
+        // Switch-over: from here the guest is paused until the destination runs it or
+        // this side resumes it.
+        let paused_at = Instant::now();
+        self.status.update(|s| s.phase = Phase::SwitchOver);
+        let (dirty, state) =
+            match self.machine(MachineRequest::PauseAndSave, "pause and save its state") {
+                Ok(MachineReply::Saved { dirty, state }) => {
+                    self.paused = true;
+                    (dirty, state)
+                }
+                Ok(_) => {
+                    return Err(SourceError::Machine {
+                        what: "pause and save its state",
+                        why: "unexpected answer".into(),
+                    })
+                }
+                Err(e) => {
+                    // A failed pause resumes whatever it paused.
+                    return Err(e);
+                }
+            };
+        let last = merge_sorted(&pending, &dirty);
+        self.status.update(|s| {
+            s.round_pages = last.len() as u64;
+            s.round_done = 0;
+        });
+        enc.send(&Message::SwitchOver(SwitchMode::Precopy))?;
+        self.send_list(&mut enc, &last, page_shift)?;
+        send_state(&mut enc, &state)?;
+        enc.send(&Message::Complete)?;
+        enc.flush()?;
+        let total_sent = enc.bytes_written();
+        self.status.update(|s| s.bytes_sent = total_sent);
+        // Complete is out: the destination may now start the guest.
+        dec.get_mut()
+            .get_ref()
+            .set_timeouts(Some(RUNNING_TIMEOUT), Some(WRITE_TIMEOUT))
+            .map_err(SourceError::Socket)?;
+        match dec.recv_expecting(&[MessageType::Ack]) {
+            Ok(Message::Ack(AckKind::Running)) => {
+                let downtime = paused_at.elapsed().as_secs_f64() * 1e3;
+                let total = self.status.elapsed_ms();
+                self.status.update(|s| {
+                    s.downtime_ms = Some(downtime);
+                    s.total_ms = total;
+                });
+                Ok(End::Running)
+            }
+            Ok(other) => Ok(End::Unknown(format!("it answered {other:?}"))),
+            Err(ProtocolError::Peer(why)) => Ok(End::RefusedAfterComplete(why)),
+            Err(e) => Ok(End::Unknown(super::chain(&e))),
+        }
+    }
+
+    /// Sends the pages of a sorted list, as runs of consecutive pages.
+    fn send_list(
+        &mut self,
+        enc: &mut Enc,
+        pages: &[u64],
+        page_shift: u8,
+    ) -> Result<(), SourceError> {
+        let page = 1u64 << page_shift;
+        let max = u64::from(max_run_pages(page_shift).max(1));
+        let regions = self.ram.regions();
+        let mut i = 0;
+        while i < pages.len() {
+            self.check_cancel()?;
+            let start = pages[i];
+            let region_end = regions
+                .iter()
+                .find(|r| r.start <= start && start < r.end())
+                .map_or(start + page, |r| r.end());
+            let mut count = 1u64;
+            while i + usize::try_from(count).unwrap_or(usize::MAX) < pages.len()
+                && count < max
+                && pages[i + usize::try_from(count).unwrap_or(0)] == start + count * page
+                && start + (count + 1) * page <= region_end
+            {
+                count += 1;
+            }
+            self.send_range(enc, start, count, page_shift)?;
+            i += usize::try_from(count).unwrap_or(usize::MAX);
+        }
+        Ok(())
+    }
+
+    /// Sends `count` pages from `gpa` (one region, at most one run): read under the
+    /// read lock of the range, then split into runs of zero pages (no bytes) and runs
+    /// with contents.
+    fn send_range(
+        &mut self,
+        enc: &mut Enc,
+        gpa: u64,
+        count: u64,
+        page_shift: u8,
+    ) -> Result<(), SourceError> {
+        let page = 1usize << page_shift;
+        let len = usize::try_from(count).unwrap_or(0) * page;
+        let mut buf = vec![0u8; len];
+        self.ram.read(gpa, &mut buf)?;
+        let (mut data_pages, mut zero_pages, mut ballooned) = (0u64, 0u64, 0u64);
+        let mut run_start = 0usize;
+        let mut run_zero = None;
+        let pages = len / page;
+        for p in 0..=pages {
+            let zero = (p < pages).then(|| is_zero(&buf[p * page..(p + 1) * page]));
+            if zero != run_zero || p == pages {
+                if let Some(z) = run_zero {
+                    let at = gpa + (run_start * page) as u64;
+                    let n = p - run_start;
+                    if z {
+                        enc.send(&Message::Pages(PageRun::zero(
+                            at,
+                            page_shift,
+                            u32::try_from(n).unwrap_or(u32::MAX),
+                        )))?;
+                        zero_pages += n as u64;
+                        for k in 0..n {
+                            if self
+                                .ram
+                                .page_state(at + (k * page) as u64)
+                                .is_ok_and(|s| s.ballooned)
+                            {
+                                ballooned += 1;
+                            }
+                        }
+                    } else {
+                        enc.send_pages(at, page_shift, &buf[run_start * page..p * page])?;
+                        data_pages += n as u64;
+                    }
+                }
+                run_start = p;
+                run_zero = zero;
+            }
+        }
+        let bytes = enc.bytes_written();
+        self.status.update(|s| {
+            s.bytes_sent = bytes;
+            s.pages_sent += data_pages;
+            s.zero_pages += zero_pages;
+            s.ballooned_pages += ballooned;
+            s.round_done += count;
+        });
+        self.write_watch(false);
+        Ok(())
+    }
+}
+
+fn send_state(enc: &mut Enc, state: &MachineState) -> Result<(), ProtocolError> {
+    for (i, blob) in state.vcpus.iter().enumerate() {
+        enc.send(&Message::VcpuState {
+            vcpu_id: u32::try_from(i).unwrap_or(u32::MAX),
+            blob: blob.clone(),
+        })?;
+    }
+    for (id, blob) in &state.devices {
+        enc.send(&Message::DeviceState {
+            id: id.clone(),
+            blob: blob.clone(),
+        })?;
+    }
+    Ok(())
+}
+
+/// `amount` per second over `over` (integer arithmetic, at least 1 µs).
+fn per_second(amount: u64, over: Duration) -> u64 {
+    let micros = over.as_micros().max(1);
+    u64::try_from(u128::from(amount) * 1_000_000 / micros).unwrap_or(u64::MAX)
+}
+
+/// Whether a page is all zero bytes (64 bytes at a time, which vectorizes).
+pub fn is_zero(page: &[u8]) -> bool {
+    let mut chunks = page.chunks_exact(64);
+    let body = chunks
+        .by_ref()
+        .all(|c| c.iter().fold(0u8, |a, &b| a | b) == 0);
+    body && chunks.remainder().iter().all(|&b| b == 0)
+}
+
+/// The union of two ascending lists, ascending, without repeats.
+pub fn merge_sorted(a: &[u64], b: &[u64]) -> Vec<u64> {
+    let mut out = Vec::with_capacity(a.len() + b.len());
+    let (mut i, mut j) = (0, 0);
+    while i < a.len() || j < b.len() {
+        let next = match (a.get(i), b.get(j)) {
+            (Some(&x), Some(&y)) if x == y => {
+                i += 1;
+                j += 1;
+                x
+            }
+            (Some(&x), Some(&y)) if x < y => {
+                i += 1;
+                x
+            }
+            (Some(_), Some(&y)) => {
+                j += 1;
+                y
+            }
+            (Some(&x), None) => {
+                i += 1;
+                x
+            }
+            (None, Some(&y)) => {
+                j += 1;
+                y
+            }
+            (None, None) => break,
+        };
+        if out.last() != Some(&next) {
+            out.push(next);
+        }
+    }
+    out
+}
+
+/// A session id that differs between migrations (time and process id; not a secret).
+fn session_id() -> u64 {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() ^ u64::from(d.subsec_nanos()) << 32);
+    nanos ^ (u64::from(std::process::id()) << 40)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn zero_pages_are_found() {
+        let mut p = vec![0u8; 4096];
+        assert!(is_zero(&p));
+        p[4095] = 1;
+        assert!(!is_zero(&p));
+        p[4095] = 0;
+        p[0] = 0x80;
+        assert!(!is_zero(&p));
+        assert!(is_zero(&[0u8; 100]));
+        assert!(!is_zero(&[&[0u8; 99][..], &[1]].concat()));
+    }
+
+    #[test]
+    fn merging_keeps_order_and_drops_repeats() {
+        assert_eq!(merge_sorted(&[1, 3, 5], &[2, 3, 6]), vec![1, 2, 3, 5, 6]);
+        assert_eq!(merge_sorted(&[], &[4]), vec![4]);
+        assert_eq!(merge_sorted(&[4, 4], &[]), vec![4]);
+    }
+}
