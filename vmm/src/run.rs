@@ -233,8 +233,12 @@ pub fn run(args: RunArgs) -> Result<ExitCode, RunError> {
         );
         match received {
             Ok(r) => {
+                let verified = r
+                    .verified
+                    .map(|n| format!(", all {n} pages verified"))
+                    .unwrap_or_default();
                 eprintln!(
-                    "rangevm: migration from {} received ({:.1} MiB, {} round(s), {:.0} ms); the guest runs here",
+                    "rangevm: migration from {} received ({:.1} MiB, {} round(s), {:.0} ms{verified}); the guest runs here",
                     r.source,
                     r.bytes as f64 / f64::from(1 << 20),
                     r.rounds,

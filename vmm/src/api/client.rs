@@ -77,6 +77,12 @@ pub enum MigrateAction {
         /// Start it and return at once; follow it with `migrate status`.
         #[arg(long)]
         detach: bool,
+        /// At switch-over, send a CRC32C of every guest page; the destination compares
+        /// them with the pages it received and refuses to start the guest (which then
+        /// keeps running here) if any differs. Costs a pass over guest memory on each
+        /// side while the guest is paused.
+        #[arg(long)]
+        verify: bool,
     },
     /// Phase, round, bytes sent, dirty rate, bandwidth, expected and actual downtime.
     Status,
@@ -151,6 +157,7 @@ impl Ctl {
                     downtime_target,
                     max_rounds,
                     detach,
+                    verify,
                 } => (
                     "migrate.send",
                     json!({
@@ -158,6 +165,7 @@ impl Ctl {
                         "downtime_ms": downtime_target,
                         "max_rounds": max_rounds,
                         "watch": !detach,
+                        "verify": verify,
                     }),
                 ),
                 MigrateAction::Status => ("migrate.status", serde_json::Value::Null),

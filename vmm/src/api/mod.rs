@@ -13,7 +13,8 @@
 //!
 //! Commands: `vm.info`, `vm.pause`, `vm.resume`, `vm.shutdown`, `dirty.start`,
 //! `dirty.harvest`, `dirty.stop`, `balloon.set` (`args.bytes`), `balloon.stats`,
-//! `migrate.send` (`args.url`, optional `downtime_ms`, `max_rounds`, `watch`),
+//! `migrate.send` (`args.url`, optional `downtime_ms`, `max_rounds`, `watch`,
+//! `verify`),
 //! `migrate.status`, `migrate.cancel`. With `watch: true`, `migrate.send` keeps the
 //! connection open after its answer and writes one JSON status line every ~200 ms
 //! until the migration ends (the one exception to one answer per connection). A
@@ -127,6 +128,8 @@ pub struct MigrateArgs {
     pub max_rounds: u32,
     /// Stream status lines on this connection until the end.
     pub watch: bool,
+    /// Have the destination check every page's CRC32C at switch-over.
+    pub verify: bool,
 }
 
 /// The most rounds `migrate.send` accepts as a limit.
@@ -191,11 +194,16 @@ fn migrate_args(args: &serde_json::Value) -> Result<MigrateArgs, String> {
         .get("watch")
         .and_then(serde_json::Value::as_bool)
         .unwrap_or(false);
+    let verify = args
+        .get("verify")
+        .and_then(serde_json::Value::as_bool)
+        .unwrap_or(false);
     Ok(MigrateArgs {
         url: url.to_string(),
         downtime_ms,
         max_rounds,
         watch,
+        verify,
     })
 }
 
@@ -255,6 +263,7 @@ mod tests {
                 downtime_ms: 300,
                 max_rounds: 30,
                 watch: false,
+                verify: false,
             }))
         );
         for (bad, says) in [

@@ -11,8 +11,8 @@ use std::time::{Duration, Instant};
 use rangevm_memory::{GuestRamError, LockMode};
 
 use super::protocol::{
-    AckKind, Arch, Decoder, Encoder, Header, Message, MessageType, PageData, ProtocolError, Region,
-    SwitchMode,
+    AckKind, Arch, Crc32c, Decoder, Encoder, Header, Message, MessageType, PageData, ProtocolError,
+    Region, SwitchMode, FEATURE_VERIFY,
 };
 use super::transport::{Listener, MigrationAddr, Stream, TransportError};
 use crate::arch::layout;
@@ -53,6 +53,9 @@ pub enum DestinationError {
     /// A page could not be written.
     #[error("Cannot write a received page")]
     Memory(#[from] GuestRamError),
+    /// `--verify`: the pages received differ from the source's.
+    #[error("Verification failed: {0}")]
+    Verify(String),
     /// SIGINT or SIGTERM arrived while waiting.
     #[error("Interrupted by signal {0}")]
     Signal(i32),
@@ -99,6 +102,8 @@ pub struct Received {
     pub bytes: u64,
     /// Rounds seen.
     pub rounds: u32,
+    /// Pages whose CRC32C matched the source's at switch-over (`--verify`), if checked.
+    pub verified: Option<u64>,
     /// From the header to the guest running.
     pub elapsed: Duration,
 }
@@ -344,7 +349,7 @@ fn receive_one(
         .iter()
         .map(|&(gpa, size)| Region { gpa, size })
         .collect();
-    let local = Header::new(arch, page_shift, cpus, local_regions, 0);
+    let local = Header::new(arch, page_shift, cpus, local_regions, FEATURE_VERIFY);
     if let Err(e) = header.check_compatible(&local) {
         return Err(refuse(&mut enc, DestinationError::Incompatible(e)));
     }
@@ -369,7 +374,7 @@ fn receive_one(
     );
     let mut state = MachineState::default();
     let result = receive_body(&mut dec, &mut incoming, &header, &mut state);
-    let rounds = match result {
+    let (rounds, verified) = match result {
         Ok(r) => r,
         Err(e) => {
             if let DestinationError::Protocol { source, .. } = &e {
@@ -403,19 +408,31 @@ fn receive_one(
         source: peer.to_string(),
         bytes: dec.bytes_read(),
         rounds,
+        verified,
         elapsed: started.elapsed(),
     })
 }
 
+/// Moves the vCPU states into `state`, in order; every vCPU must have one.
+fn take_vcpus(vcpus: Vec<Option<Vec<u8>>>, state: &mut MachineState) -> Result<(), RestoreError> {
+    for (i, v) in vcpus.into_iter().enumerate() {
+        state
+            .vcpus
+            .push(v.ok_or(RestoreError::Incomplete(format!("no state for vCPU {i}")))?);
+    }
+    Ok(())
+}
+
 type Dec<'a> = Decoder<BufReader<Watched<'a>>>;
 
-/// Reads rounds of pages, the switch-over, the state and `Complete`.
+/// Reads rounds of pages, the switch-over, the state and `Complete`; returns the
+/// rounds seen and, with verification, the pages checked.
 fn receive_body(
     dec: &mut Dec<'_>,
     incoming: &mut IncomingMachine,
     header: &Header,
     state: &mut MachineState,
-) -> Result<u32, DestinationError> {
+) -> Result<(u32, Option<u64>), DestinationError> {
     let proto = |source| DestinationError::Protocol {
         peer: String::from("the source"),
         source,
@@ -428,12 +445,16 @@ fn receive_body(
     let mut switched = false;
     let cpus = usize::try_from(header.vcpu_count).unwrap_or(0);
     let mut vcpus: Vec<Option<Vec<u8>>> = vec![None; cpus];
+    let verify = header.features & FEATURE_VERIFY != 0;
+    let (mut checked, mut differ, mut first_bad) = (0u64, 0u64, None);
+    let mut page_buf = vec![0u8; usize::try_from(page).unwrap_or(0)];
     loop {
         let allowed: &[MessageType] = if switched {
             &[
                 MessageType::Pages,
                 MessageType::VcpuState,
                 MessageType::DeviceState,
+                MessageType::PageDigests,
                 MessageType::Complete,
             ]
         } else {
@@ -493,6 +514,17 @@ fn receive_body(
                 }
             }
             Message::DeviceState { id, blob } => state.devices.push((id, blob)),
+            Message::PageDigests(d) if verify => {
+                for (k, want) in d.digests.iter().enumerate() {
+                    let gpa = d.gpa + k as u64 * page;
+                    ram.read(gpa, &mut page_buf)?;
+                    checked += 1;
+                    if Crc32c::of(&page_buf) != *want {
+                        differ += 1;
+                        first_bad.get_or_insert(gpa);
+                    }
+                }
+            }
             Message::Complete => break,
             other => {
                 return Err(proto(ProtocolError::Unexpected {
@@ -502,10 +534,22 @@ fn receive_body(
             }
         }
     }
-    for (i, v) in vcpus.into_iter().enumerate() {
-        state
-            .vcpus
-            .push(v.ok_or(RestoreError::Incomplete(format!("no state for vCPU {i}")))?);
+    if !verify {
+        take_vcpus(vcpus, state)?;
+        return Ok((rounds, None));
     }
-    Ok(rounds)
+    let total = ram.size() / page;
+    if let Some(bad) = first_bad {
+        return Err(DestinationError::Verify(format!(
+            "{differ} of {checked} pages differ from the source's at switch-over, the first at {bad:#x}"
+        )));
+    }
+    if checked != total {
+        return Err(DestinationError::Verify(format!(
+            "the source sent digests for {checked} of {total} pages"
+        )));
+    }
+    log::info!("Verified all {checked} pages against the source's digests");
+    take_vcpus(vcpus, state)?;
+    Ok((rounds, Some(checked)))
 }

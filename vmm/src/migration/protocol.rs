@@ -69,8 +69,16 @@ pub const FEATURE_POSTCOPY: u64 = 1 << 0;
 pub const FEATURE_RESUME: u64 = 1 << 1;
 /// Feature bit: demand requests and responses travel on a second connection.
 pub const FEATURE_DEMAND_CHANNEL: u64 = 1 << 2;
+/// Feature bit: at switch-over the source sends a CRC32C of every page
+/// ([`Message::PageDigests`]) and the destination compares them with what it holds
+/// before it starts the guest (`migrate send --verify`).
+pub const FEATURE_VERIFY: u64 = 1 << 3;
 /// Every feature bit this rangevm knows.
-pub const KNOWN_FEATURES: u64 = FEATURE_POSTCOPY | FEATURE_RESUME | FEATURE_DEMAND_CHANNEL;
+pub const KNOWN_FEATURES: u64 =
+    FEATURE_POSTCOPY | FEATURE_RESUME | FEATURE_DEMAND_CHANNEL | FEATURE_VERIFY;
+/// Most digests one `PageDigests` message holds (4 MiB of them).
+pub const MAX_DIGESTS: u32 = 1 << 20;
+const _: () = assert!(MAX_DIGESTS as usize * 4 == MAX_RUN_BYTES);
 
 /// Errors of the migration protocol.
 #[derive(Debug, thiserror::Error)]
@@ -497,6 +505,28 @@ impl ReceivedPages {
     }
 }
 
+/// Verification: the CRC32C of each of `count` consecutive pages.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PageDigests {
+    /// First page, aligned.
+    pub gpa: u64,
+    /// log2 of the page size.
+    pub page_shift: u8,
+    /// One CRC32C per page, at least 1, at most [`MAX_DIGESTS`].
+    pub digests: Vec<u32>,
+}
+
+impl PageDigests {
+    fn validate(&self) -> Result<(), ProtocolError> {
+        const M: &str = "PageDigests";
+        let count = u32::try_from(self.digests.len())
+            .ok()
+            .filter(|&c| c <= MAX_DIGESTS)
+            .ok_or_else(|| malformed(M, "there are more than MAX_DIGESTS digests"))?;
+        check_range(M, self.gpa, self.page_shift, count)
+    }
+}
+
 /// One protocol message.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Message {
@@ -528,6 +558,9 @@ pub enum Message {
     },
     /// Source to destination: all state is sent (precopy: all memory too).
     Complete,
+    /// Source to destination, with `FEATURE_VERIFY`, after the last pages: what the
+    /// destination's pages must hold.
+    PageDigests(PageDigests),
     /// Postcopy, destination to source: send these pages first.
     PageRequest(PageRequest),
     /// Postcopy, source to destination: the answer to a request.
@@ -573,6 +606,8 @@ pub enum MessageType {
     DeviceState = 0x14,
     /// [`Message::Complete`].
     Complete = 0x15,
+    /// [`Message::PageDigests`].
+    PageDigests = 0x16,
     /// [`Message::PageRequest`].
     PageRequest = 0x20,
     /// [`Message::PageResponse`].
@@ -589,7 +624,7 @@ pub enum MessageType {
 
 impl MessageType {
     /// Every type, in code order.
-    pub const ALL: [Self; 15] = [
+    pub const ALL: [Self; 16] = [
         Self::Header,
         Self::Ack,
         Self::Error,
@@ -599,6 +634,7 @@ impl MessageType {
         Self::VcpuState,
         Self::DeviceState,
         Self::Complete,
+        Self::PageDigests,
         Self::PageRequest,
         Self::PageResponse,
         Self::PostcopyDone,
@@ -629,6 +665,7 @@ impl MessageType {
             Self::VcpuState => "VcpuState",
             Self::DeviceState => "DeviceState",
             Self::Complete => "Complete",
+            Self::PageDigests => "PageDigests",
             Self::PageRequest => "PageRequest",
             Self::PageResponse => "PageResponse",
             Self::PostcopyDone => "PostcopyDone",
@@ -666,6 +703,7 @@ impl Message {
             Self::VcpuState { .. } => MessageType::VcpuState,
             Self::DeviceState { .. } => MessageType::DeviceState,
             Self::Complete => MessageType::Complete,
+            Self::PageDigests(_) => MessageType::PageDigests,
             Self::PageRequest(_) => MessageType::PageRequest,
             Self::PageResponse { .. } => MessageType::PageResponse,
             Self::PostcopyDone => MessageType::PostcopyDone,

@@ -67,6 +67,7 @@ impl Migrations {
             addr,
             downtime_target: Duration::from_millis(args.downtime_ms),
             max_rounds: args.max_rounds,
+            verify: args.verify,
         };
         match source::start(
             opts,

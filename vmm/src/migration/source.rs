@@ -16,8 +16,8 @@ use rangevm_memory::{GuestRam, GuestRamError};
 
 use super::control::{MachineCtl, MachineReply, MachineRequest};
 use super::protocol::{
-    max_run_pages, AckKind, Arch, Decoder, Encoder, Header, Message, MessageType, PageRun,
-    ProtocolError, Region, Round, SwitchMode,
+    max_run_pages, AckKind, Arch, Crc32c, Decoder, Encoder, Header, Message, MessageType,
+    PageDigests, PageRun, ProtocolError, Region, Round, SwitchMode, FEATURE_VERIFY, MAX_DIGESTS,
 };
 use super::status::{MigrationStatus, Phase, SharedStatus};
 use super::transport::{MigrationAddr, Stream, TransportError};
@@ -77,6 +77,8 @@ pub struct SourceOptions {
     pub downtime_target: Duration,
     /// Switch over after this many dirty rounds even if the target is not met.
     pub max_rounds: u32,
+    /// Send a CRC32C of every page at switch-over for the destination to check.
+    pub verify: bool,
 }
 
 /// A running or finished outgoing migration.
@@ -282,7 +284,8 @@ impl Sender {
                 size: r.size,
             })
             .collect();
-        let mut header = Header::new(arch, page_shift, self.cpus, regions, 0);
+        let features = if self.opts.verify { FEATURE_VERIFY } else { 0 };
+        let mut header = Header::new(arch, page_shift, self.cpus, regions, features);
         header.session_id = session_id();
         Ok(header)
     }
@@ -409,6 +412,9 @@ impl Sender {
         });
         enc.send(&Message::SwitchOver(SwitchMode::Precopy))?;
         self.send_list(&mut enc, &last, page_shift)?;
+        if self.opts.verify {
+            self.send_digests(&mut enc, page_shift)?;
+        }
         send_state(&mut enc, &state)?;
         enc.send(&Message::Complete)?;
         enc.flush()?;
@@ -433,6 +439,42 @@ impl Sender {
             Err(ProtocolError::Peer(why)) => Ok(End::RefusedAfterComplete(why)),
             Err(e) => Ok(End::Unknown(super::chain(&e))),
         }
+    }
+
+    /// Sends the CRC32C of every page (the guest is paused: they are the switch-over
+    /// contents).
+    fn send_digests(&mut self, enc: &mut Enc, page_shift: u8) -> Result<(), SourceError> {
+        let page = 1u64 << page_shift;
+        let chunk_pages = u64::from(max_run_pages(page_shift).max(1));
+        let mut buf = Vec::new();
+        for r in self.ram.regions() {
+            let mut digests = PageDigests {
+                gpa: r.start,
+                page_shift,
+                digests: Vec::new(),
+            };
+            let mut gpa = r.start;
+            while gpa < r.end() {
+                let count = ((r.end() - gpa) / page).min(chunk_pages);
+                buf.resize(usize::try_from(count * page).unwrap_or(0), 0);
+                self.ram.read(gpa, &mut buf)?;
+                for p in buf.chunks_exact(usize::try_from(page).unwrap_or(1)) {
+                    digests.digests.push(Crc32c::of(p));
+                }
+                gpa += count * page;
+                if digests.digests.len() >= usize::try_from(MAX_DIGESTS).unwrap_or(0)
+                    || gpa >= r.end()
+                {
+                    let next = PageDigests {
+                        gpa,
+                        page_shift,
+                        digests: Vec::new(),
+                    };
+                    enc.send(&Message::PageDigests(std::mem::replace(&mut digests, next)))?;
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Sends the pages of a sorted list, as runs of consecutive pages.

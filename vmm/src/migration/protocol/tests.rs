@@ -67,6 +67,11 @@ fn every_message() -> Vec<Message> {
             blob: pattern(40, 2),
         },
         Message::Complete,
+        Message::PageDigests(PageDigests {
+            gpa: 0x4000,
+            page_shift: SHIFT,
+            digests: vec![1, 0xffff_ffff, 0x1234_5678],
+        }),
         Message::Ack(AckKind::Running),
         Message::PageRequest(PageRequest {
             request_id: 99,
@@ -740,4 +745,26 @@ fn limits_and_helpers() {
     assert_eq!(text.len(), MAX_ERROR_TEXT - 1);
     assert!(encode_to_vec(&long).is_ok());
     assert_eq!(Message::error("Short."), Message::Error("Short.".into()));
+}
+
+#[test]
+fn digests_are_bounded_and_checked() {
+    let too_many = PageDigests {
+        gpa: 0,
+        page_shift: SHIFT,
+        digests: vec![0; MAX_DIGESTS as usize + 1],
+    };
+    assert!(encode_to_vec(&Message::PageDigests(too_many)).is_err());
+    let none = PageDigests {
+        gpa: 0,
+        page_shift: SHIFT,
+        digests: Vec::new(),
+    };
+    assert!(encode_to_vec(&Message::PageDigests(none)).is_err());
+    let unaligned = PageDigests {
+        gpa: 0x10,
+        page_shift: SHIFT,
+        digests: vec![0],
+    };
+    assert!(encode_to_vec(&Message::PageDigests(unaligned)).is_err());
 }

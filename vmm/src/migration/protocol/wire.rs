@@ -131,6 +131,18 @@ pub(super) fn encode_parts(msg: &Message) -> Result<(Vec<u8>, &[u8]), ProtocolEr
             tail = &map.bitmap;
         }
         Message::ResumeReady { received } => put_u64(&mut b, *received),
+        Message::PageDigests(d) => {
+            d.validate()?;
+            put_u64(&mut b, d.gpa);
+            put_u32(&mut b, len_u32(name, d.digests.len())?);
+            put_u8(&mut b, d.page_shift);
+            put_u8(&mut b, 0);
+            put_u16(&mut b, 0);
+            b.reserve(d.digests.len() * 4);
+            for &crc in &d.digests {
+                put_u32(&mut b, crc);
+            }
+        }
     }
     Ok((b, tail))
 }
@@ -465,6 +477,32 @@ pub(super) fn decode_payload(ty: MessageType, payload: Vec<u8>) -> Result<Messag
             f.finish()?;
             Message::ResumeReady { received }
         }
+        MessageType::PageDigests => {
+            let gpa = f.u64()?;
+            let count = f.u32()?;
+            let page_shift = f.u8()?;
+            f.zero_u8()?;
+            f.zero_u16()?;
+            if count == 0 || count > MAX_DIGESTS {
+                return Err(malformed(
+                    message,
+                    "the digest count is 0 or above MAX_DIGESTS",
+                ));
+            }
+            let n = usize::try_from(count).map_err(|_| malformed(message, "too many digests"))?;
+            f.expect_rest(n * 4)?;
+            let mut digests = Vec::with_capacity(n);
+            for _ in 0..n {
+                digests.push(f.u32()?);
+            }
+            let d = PageDigests {
+                gpa,
+                page_shift,
+                digests,
+            };
+            d.validate()?;
+            Message::PageDigests(d)
+        }
     };
     Ok(msg)
 }
@@ -474,6 +512,7 @@ pub(super) fn message_page_shift(msg: &Message) -> Option<u8> {
     match msg {
         Message::Pages(run) | Message::PageResponse { run, .. } => Some(run.page_shift),
         Message::PageRequest(r) => Some(r.page_shift),
+        Message::PageDigests(d) => Some(d.page_shift),
         Message::ReceivedPages(m) => Some(m.page_shift),
         Message::Header(h) => Some(h.page_shift),
         _ => None,
