@@ -29,7 +29,24 @@
 //!   headers (an ELF32 file fails its program-header size check).
 //!
 //! The code uses no stack (the PVH entry state defines none) and no interrupts; it
-//! writes only the pages the steps name. Guest memory addresses are guest-physical.
+//! writes only the pages the steps name (and [`COUNTER_ADDR`] for a
+//! [`TinyGuest::counter`]). Guest memory addresses are guest-physical.
+//!
+//! [`TinyGuest::counter`] is a last step that never ends, for live-migration tests:
+//!
+//! ```
+//! use rangevm_tests::tiny::{check_consecutive, parse_counter_lines, Mode, TinyGuest};
+//!
+//! let elf = TinyGuest::new(Mode::Long)
+//!     .counter(16 << 20, 256, 0x1000, 10)
+//!     .build();
+//! assert_eq!(&elf[..4], b"\x7fELF");
+//! // What its console shows after 30 passes (and a line being written):
+//! let console = "pass 000000000000000a\npass 0000000000000014\npass 000000000000001e\npa";
+//! let passes = parse_counter_lines(console).unwrap();
+//! assert_eq!(passes, [10, 20, 30]);
+//! check_consecutive(&passes, 10).unwrap();
+//! ```
 
 use std::path::Path;
 
@@ -59,6 +76,23 @@ pub const PATTERN_OK: &str = "PATTERN-OK\n";
 pub const PATTERN_BAD: &str = "PATTERN-BAD\n";
 /// The seed of the memory pattern unless [`TinyGuest::seed`] sets another.
 pub const DEFAULT_SEED: u64 = 0x5eed_c0de_0bad_f00d;
+/// Where a [`TinyGuest::counter`] keeps its pass number `n` (a qword, also in RBX/EBX):
+/// 64 KiB, in the free gap between the VMM's boot page tables (0x9000..0xf000) and the
+/// kernel command line (0x20000), clear of the boot stack page (0x8000..0x9000).
+pub const COUNTER_ADDR: u64 = 0x1_0000;
+// Past the VMM's page tables (PDEs at 0xb000, four pages), before its command line.
+const _: () = assert!(COUNTER_ADDR >= 0xf000 && COUNTER_ADDR + 8 <= 0x2_0000);
+const _: () = assert!(COUNTER_ADDR % 8 == 0);
+/// The constant [`counter_word`] mixes in.
+pub const COUNTER_SEED: u64 = 0xc0de_cafe_f00d_5eed;
+/// What starts each line a [`TinyGuest::counter`] prints; 16 hex digits and `\n`
+/// follow.
+pub const COUNTER_PREFIX: &str = "pass ";
+/// How many hex digits a counter line has.
+const COUNTER_DIGITS: usize = 16;
+/// How many bytes a counter writes at the start of each page: `n`, then
+/// [`counter_word`].
+const COUNTER_BYTES: u64 = 16;
 
 const LSR_THR_EMPTY: u8 = 0x20;
 const GIB: u64 = 1 << 30;
@@ -75,6 +109,73 @@ const MAX_LONG_ADDR: u64 = 512 * GIB;
 /// The first qword a pattern step writes into the page at `addr`: `addr ^ seed`.
 pub fn pattern(addr: u64, seed: u64) -> u64 {
     addr ^ seed
+}
+
+/// The second qword a [`TinyGuest::counter`] writes into the page at `addr` in pass
+/// `n`: `addr ^ n.rotate_left(32) ^ COUNTER_SEED`. Below 4 GiB (and for `n` below 2^32)
+/// that is `(n << 32 | addr) ^ COUNTER_SEED`: a different value for every page and
+/// pass.
+pub fn counter_word(addr: u64, n: u64) -> u64 {
+    addr ^ n.rotate_left(32) ^ COUNTER_SEED
+}
+
+/// The pass numbers of the complete [`TinyGuest::counter`] lines in `text` (console
+/// output), in order: lines that do not start with [`COUNTER_PREFIX`] are skipped, as
+/// is a last line without its `\n` (still being written). A counter line with anything
+/// but 16 lowercase hex digits after the prefix is an error.
+pub fn parse_counter_lines(text: &str) -> Result<Vec<u64>, String> {
+    let complete = match text.rfind('\n') {
+        Some(end) => &text[..end],
+        None => return Ok(Vec::new()),
+    };
+    complete
+        .split('\n')
+        .enumerate()
+        .filter_map(|(i, line)| {
+            let line = line.strip_suffix('\r').unwrap_or(line);
+            line.strip_prefix(COUNTER_PREFIX).map(|hex| (i, line, hex))
+        })
+        .map(|(i, line, hex)| {
+            let digits = hex.len() == COUNTER_DIGITS
+                && hex
+                    .bytes()
+                    .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
+            if !digits {
+                return Err(format!(
+                    "console line {} {line:?} is not {COUNTER_PREFIX:?} and 16 lowercase \
+                     hex digits",
+                    i + 1
+                ));
+            }
+            u64::from_str_radix(hex, 16).map_err(|e| format!("console line {}: {e}", i + 1))
+        })
+        .collect()
+}
+
+/// Whether `passes` (from [`parse_counter_lines`]) go up by exactly `print_every` each
+/// line: no pass lost, repeated or out of order. The error names the first bad pair.
+pub fn check_consecutive(passes: &[u64], print_every: u64) -> Result<(), String> {
+    for (i, pair) in passes.windows(2).enumerate() {
+        let (a, b) = (pair[0], pair[1]);
+        if a.checked_add(print_every) != Some(b) {
+            let what = match b.cmp(&a) {
+                std::cmp::Ordering::Equal => "a repeat".to_string(),
+                std::cmp::Ordering::Less => "going back".to_string(),
+                std::cmp::Ordering::Greater if b - a > print_every => {
+                    format!("a gap of {} passes", b - a - print_every)
+                }
+                std::cmp::Ordering::Greater => "too small a step".to_string(),
+            };
+            return Err(format!(
+                "counter lines {} and {} show passes {a:#x} then {b:#x}, {what}: \
+                 expected {:#x} after {a:#x} (one line every {print_every} passes)",
+                i + 1,
+                i + 2,
+                a.wrapping_add(print_every)
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// The CPU mode the guest is entered in, which also picks the ELF flavour.
@@ -116,18 +217,28 @@ impl Exit {
     }
 }
 
-/// A run of pages: the first qword at `start`, `start + stride`, ... (`count` of them).
+/// A run of pages: the first `bytes` at `start`, `start + stride`, ... (`count` of
+/// them).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct Pages {
     start: u64,
     count: u64,
     stride: u64,
+    bytes: u64,
 }
 
 impl Pages {
     /// One past the last byte written.
     fn end(&self) -> u64 {
-        self.start + (self.count - 1) * self.stride + 8
+        self.start + (self.count - 1) * self.stride + self.bytes
+    }
+
+    /// Whether the `len` bytes at `addr` share a byte with those written.
+    fn overlaps(&self, addr: u64, len: u64) -> bool {
+        (0..self.count).any(|i| {
+            let at = self.start + i * self.stride;
+            at < addr + len && addr < at + self.bytes
+        })
     }
 }
 
@@ -137,6 +248,17 @@ enum Step {
     Print(Vec<u8>),
     Touch(Pages),
     Check(Pages),
+    Counter { pages: Pages, print_every: u64 },
+}
+
+impl Step {
+    /// The pages the step writes or reads.
+    fn pages(&self) -> Option<&Pages> {
+        match self {
+            Step::Touch(p) | Step::Check(p) | Step::Counter { pages: p, .. } => Some(p),
+            Step::Out { .. } | Step::Print(_) => None,
+        }
+    }
 }
 
 /// A tiny guest program: steps, then an exit. See the module documentation.
@@ -200,7 +322,7 @@ impl TinyGuest {
     /// the pages reach beyond 4 GiB in PVH mode (paging off) or 512 GiB in long mode.
     /// [`TinyGuest::build`] panics if they overlap the guest's own image.
     pub fn touch_pages(mut self, start: u64, count: u64, stride: u64) -> Self {
-        let pages = self.pages(start, count, stride);
+        let pages = self.pages(start, count, stride, 8);
         self.steps.push(Step::Touch(pages));
         self
     }
@@ -211,8 +333,46 @@ impl TinyGuest {
     /// # Panics
     /// As [`TinyGuest::touch_pages`].
     pub fn check_pages(mut self, start: u64, count: u64, stride: u64) -> Self {
-        let pages = self.pages(start, count, stride);
+        let pages = self.pages(start, count, stride, 8);
         self.steps.push(Step::Check(pages));
+        self
+    }
+
+    /// Counts passes forever, for live-migration tests; the last step (nothing after it
+    /// runs, the exit included).
+    ///
+    /// Pass `n` = 1, 2, 3, ... first stores `n` at [`COUNTER_ADDR`], then, every
+    /// `print_every` passes (when `n % print_every == 0`), prints `pass ` and `n` as 16
+    /// lowercase hex digits and `\n` on COM1 (see [`parse_counter_lines`]), then writes
+    /// to each of the `pages` pages at `addr = start, start + stride, ...` the qwords `n`
+    /// (offset 0) and [`counter_word`]`(addr, n)` (offset 8). `n` lives in RBX
+    /// throughout (EBX in PVH mode), so it travels with the vCPU state; everything else
+    /// is recomputed from it each pass. A page's two qwords are written in this order,
+    /// pages in ascending order, one pass after the other.
+    ///
+    /// In PVH mode the counter is 32 bits: the high halves of `n` written and printed
+    /// are 0 and `n` would wrap after 2^32 passes (months at emulator speed).
+    ///
+    /// # Panics
+    /// If `pages` or `print_every` is 0, `start` or `stride` is not a multiple of 4096,
+    /// `stride` is 0, the pages reach beyond 4 GiB in PVH mode or 512 GiB in long mode,
+    /// or, in PVH mode, `print_every` does not fit in 32 bits. [`TinyGuest::build`]
+    /// panics if the pages overlap the guest's image or [`COUNTER_ADDR`], or if another
+    /// step follows.
+    pub fn counter(mut self, start: u64, pages: u64, stride: u64, print_every: u64) -> Self {
+        assert!(
+            print_every > 0,
+            "a counter prints every print_every > 0 passes"
+        );
+        assert!(
+            start % PAGE == 0 && stride % PAGE == 0,
+            "counter start {start:#x} and stride {stride:#x} must be multiples of {PAGE:#x}"
+        );
+        if self.mode == Mode::Pvh {
+            u32_of(print_every, "a PVH counter's print_every");
+        }
+        let pages = self.pages(start, pages, stride, COUNTER_BYTES);
+        self.steps.push(Step::Counter { pages, print_every });
         self
     }
 
@@ -222,7 +382,7 @@ impl TinyGuest {
         self
     }
 
-    fn pages(&self, start: u64, count: u64, stride: u64) -> Pages {
+    fn pages(&self, start: u64, count: u64, stride: u64, bytes: u64) -> Pages {
         assert!(count > 0, "a pattern needs at least one page");
         assert!(
             start % 8 == 0 && stride % 8 == 0 && stride > 0,
@@ -235,7 +395,7 @@ impl TinyGuest {
         let end = (count - 1)
             .checked_mul(stride)
             .and_then(|span| span.checked_add(start))
-            .and_then(|last| last.checked_add(8));
+            .and_then(|last| last.checked_add(bytes));
         assert!(
             end.is_some_and(|end| end <= limit),
             "pattern of {count} pages from {start:#x} every {stride:#x} goes beyond {limit:#x}, \
@@ -246,23 +406,44 @@ impl TinyGuest {
             start,
             count,
             stride,
+            bytes,
         }
     }
 
     /// The ELF file.
     ///
     /// # Panics
-    /// If a pattern step overlaps the guest's image.
+    /// If a pattern or counter step overlaps the guest's image, a counter's pages
+    /// overlap [`COUNTER_ADDR`], or a step follows a counter.
     pub fn build(&self) -> Vec<u8> {
+        if let Some(at) = self
+            .steps
+            .iter()
+            .position(|s| matches!(s, Step::Counter { .. }))
+        {
+            assert!(
+                at + 1 == self.steps.len(),
+                "a counter never ends: it must be the last step, not followed by {:?}",
+                self.steps[at + 1]
+            );
+        }
         let image = self.image();
         let image_end = LOAD_ADDR + len_u64(&image);
         for step in &self.steps {
-            if let Step::Touch(p) | Step::Check(p) = step {
+            if let Some(p) = step.pages() {
                 assert!(
                     p.end() <= LOAD_ADDR || p.start >= image_end,
                     "the pattern {:#x}..{:#x} overlaps the guest image {LOAD_ADDR:#x}..{image_end:#x}",
                     p.start,
                     p.end()
+                );
+            }
+            if let Step::Counter { pages, .. } = step {
+                assert!(
+                    !pages.overlaps(COUNTER_ADDR, 8),
+                    "the counter pages {:#x}..{:#x} overlap the pass number at {COUNTER_ADDR:#x}",
+                    pages.start,
+                    pages.end()
                 );
             }
         }
@@ -289,6 +470,20 @@ impl TinyGuest {
                 Step::Print(text) => {
                     let at = data.add(text);
                     asm.print(Target::Data(at), text.len());
+                }
+                Step::Counter { pages, print_every } => {
+                    if gib_mapped.is_some() && !own_paging {
+                        asm.mov_r32_abs(Reg::Ax, Target::PageTables);
+                        asm.mov_cr3(Reg::Ax);
+                        own_paging = true;
+                    }
+                    // The line's prefix (PVH: with the 8 zero high digits), the low
+                    // digits computed from n, then the newline.
+                    let digits = if self.mode == Mode::Long { 16 } else { 8 };
+                    let prefix = format!("{COUNTER_PREFIX}{}", "0".repeat(COUNTER_DIGITS - digits));
+                    let text = (data.add(prefix.as_bytes()), prefix.len());
+                    let newline = (data.add(b"\n"), 1);
+                    asm.counter(pages, *print_every, text, digits, newline);
                 }
                 Step::Touch(pages) | Step::Check(pages) => {
                     if gib_mapped.is_some() && !own_paging {
@@ -336,10 +531,7 @@ impl TinyGuest {
         let end = self
             .steps
             .iter()
-            .filter_map(|s| match s {
-                Step::Touch(p) | Step::Check(p) => Some(p.end()),
-                _ => None,
-            })
+            .filter_map(|s| s.pages().map(Pages::end))
             .max()?;
         (end > 4 * GIB).then(|| end.div_ceil(GIB))
     }
@@ -463,7 +655,9 @@ enum Target {
 enum Reg {
     Ax = 0,
     Cx = 1,
+    Dx = 2,
     Bx = 3,
+    Bp = 5,
     Si = 6,
     Di = 7,
 }
@@ -475,11 +669,21 @@ enum Alu {
     Xor = 0x31,
     Cmp = 0x39,
     Mov = 0x89,
+    Test = 0x85,
+}
+
+/// `op r/m32, imm8` instructions (the `/digit` of opcode `83`, sign-extended imm8).
+#[derive(Debug, Clone, Copy)]
+enum AluImm {
+    Add = 0,
+    And = 4,
+    Cmp = 7,
 }
 
 /// Branch conditions (the low nibble of `Jcc`).
 #[derive(Debug, Clone, Copy)]
 enum Cond {
+    Below = 0x2,
     Zero = 0x4,
     NotZero = 0x5,
 }
@@ -621,6 +825,41 @@ impl Asm {
         self.emit(&[0xff, modrm(0b11, 1, r as u8)]);
     }
 
+    /// `inc r` on words (`FF /0`).
+    fn inc(&mut self, r: Reg) {
+        self.rex_w();
+        self.emit(&[0xff, modrm(0b11, 0, r as u8)]);
+    }
+
+    /// `op dst, src` on 32-bit registers in either mode (no REX.W).
+    fn alu32(&mut self, op: Alu, dst: Reg, src: Reg) {
+        self.emit(&[op as u8, modrm(0b11, src as u8, dst as u8)]);
+    }
+
+    /// `op r32, imm8` (sign-extended; `83 /digit ib`).
+    fn alu32_imm8(&mut self, op: AluImm, r: Reg, imm: i8) {
+        self.emit(&[0x83, modrm(0b11, op as u8, r as u8)]);
+        self.emit(&imm.to_le_bytes());
+    }
+
+    /// `op [base + disp8], src` on words; `base` as for [`Asm::alu_mem`].
+    fn alu_mem_disp(&mut self, op: Alu, base: Reg, disp: u8, src: Reg) {
+        self.rex_w();
+        self.emit(&[op as u8, modrm(0b01, src as u8, base as u8), disp]);
+    }
+
+    /// `rol r, imm8` on words (`C1 /0 ib`).
+    fn rol(&mut self, r: Reg, imm: u8) {
+        self.rex_w();
+        self.emit(&[0xc1, modrm(0b11, 0, r as u8), imm]);
+    }
+
+    /// Unsigned `div r` on words (`F7 /6`): DX:AX / r, quotient to AX, remainder to DX.
+    fn div(&mut self, r: Reg) {
+        self.rex_w();
+        self.emit(&[0xf7, modrm(0b11, 6, r as u8)]);
+    }
+
     /// `mov dword [base + disp8], imm32`.
     fn mov_mem32_imm(&mut self, base: Reg, disp: u8, imm: u32) {
         self.emit(&[0xc7, modrm(0b01, 0, base as u8), disp]);
@@ -751,6 +990,106 @@ impl Asm {
         self.bind(fail);
         self.print(Target::Data(bad.0), bad.1);
         self.bind(done);
+    }
+
+    /// `r = imm`: `mov r64, imm64` in long mode, `mov r32, imm32` in 32-bit code.
+    fn mov_word(&mut self, r: Reg, imm: u64, what: &str) {
+        if self.long {
+            self.mov_r64(r, imm);
+        } else {
+            self.mov_r32(r, u32_of(imm, what));
+        }
+    }
+
+    /// The [`TinyGuest::counter`] loop, which never ends. BX = `n` throughout; per pass
+    /// AX, CX, DX, SI, DI and BP are recomputed. `text` is the line's prefix (with the
+    /// zero high digits in 32-bit code), `digits` how many digits BX fills (16, or 8 in
+    /// 32-bit code), `newline` the `\n`.
+    fn counter(
+        &mut self,
+        p: &Pages,
+        print_every: u64,
+        text: (usize, usize),
+        digits: usize,
+        newline: (usize, usize),
+    ) {
+        let pass = self.label();
+        let fill = self.label();
+        let digit = self.label();
+        let wait = self.label();
+        let decimal = self.label();
+        let page = self.label();
+        // n = 0.
+        self.alu32(Alu::Xor, Reg::Bx, Reg::Bx);
+        self.bind(pass);
+        // n += 1, and store it at COUNTER_ADDR.
+        self.inc(Reg::Bx);
+        self.mov_r32(Reg::Di, u32_of(COUNTER_ADDR, "the counter address"));
+        self.alu_mem(Alu::Mov, Reg::Di, Reg::Bx);
+        if !self.long {
+            self.mov_mem32_imm(Reg::Di, 4, 0);
+        }
+        // Print when n % print_every == 0.
+        self.alu32(Alu::Xor, Reg::Dx, Reg::Dx);
+        self.alu(Alu::Mov, Reg::Ax, Reg::Bx);
+        self.mov_word(Reg::Cx, print_every, "a PVH counter's print_every");
+        self.div(Reg::Cx);
+        self.alu(Alu::Test, Reg::Dx, Reg::Dx);
+        self.jcc(Cond::NotZero, fill);
+        self.print(Target::Data(text.0), text.1);
+        // The digits of n from the top: rotate the next one into the low nibble of BP.
+        self.alu(Alu::Mov, Reg::Bp, Reg::Bx);
+        self.mov_r32(Reg::Cx, u32::try_from(digits).expect("16 digits at most"));
+        self.bind(digit);
+        self.mov_dx(COM1_LSR);
+        self.bind(wait);
+        self.in_al_dx();
+        self.test_al(LSR_THR_EMPTY);
+        self.jcc(Cond::Zero, wait);
+        self.rol(Reg::Bp, 4);
+        self.alu32(Alu::Mov, Reg::Ax, Reg::Bp);
+        self.alu32_imm8(AluImm::And, Reg::Ax, 0xf);
+        self.alu32_imm8(AluImm::Cmp, Reg::Ax, 10);
+        self.jcc(Cond::Below, decimal);
+        self.alu32_imm8(AluImm::Add, Reg::Ax, 0x27); // 'a' - 10 - '0'
+        self.bind(decimal);
+        self.alu32_imm8(AluImm::Add, Reg::Ax, 0x30); // '0'
+        self.mov_dx(COM1);
+        self.out_dx_al();
+        self.dec(Reg::Cx);
+        self.jcc(Cond::NotZero, digit);
+        self.print(Target::Data(newline.0), newline.1);
+        self.bind(fill);
+        // BP = the part of counter_word that does not depend on the address.
+        self.alu(Alu::Mov, Reg::Bp, Reg::Bx);
+        if self.long {
+            self.rol(Reg::Bp, 32);
+            self.mov_r64(Reg::Ax, COUNTER_SEED);
+            self.alu(Alu::Xor, Reg::Bp, Reg::Ax);
+        } else {
+            // The high half of the word; DX = its low half's seed.
+            self.mov_r32(Reg::Ax, high32(COUNTER_SEED));
+            self.alu(Alu::Xor, Reg::Bp, Reg::Ax);
+            self.mov_r32(Reg::Dx, low32(COUNTER_SEED));
+        }
+        self.mov_word(Reg::Di, p.start, "a PVH counter start");
+        self.mov_word(Reg::Cx, p.count, "a PVH counter's page count");
+        self.mov_word(Reg::Si, p.stride, "a PVH counter stride");
+        self.bind(page);
+        self.alu_mem(Alu::Mov, Reg::Di, Reg::Bx);
+        if self.long {
+            self.alu(Alu::Mov, Reg::Ax, Reg::Di);
+            self.alu(Alu::Xor, Reg::Ax, Reg::Bp);
+            self.alu_mem_disp(Alu::Mov, Reg::Di, 8, Reg::Ax);
+        } else {
+            self.mov_mem32_imm(Reg::Di, 4, 0);
+            self.alu(Alu::Mov, Reg::Ax, Reg::Di);
+            self.alu(Alu::Xor, Reg::Ax, Reg::Dx);
+            self.alu_mem_disp(Alu::Mov, Reg::Di, 8, Reg::Ax);
+            self.alu_mem_disp(Alu::Mov, Reg::Di, 12, Reg::Bp);
+        }
+        self.pattern_next(page);
+        self.jmp(pass);
     }
 
     /// `cli; hlt` in a loop.
@@ -898,6 +1237,81 @@ mod tests {
         check(true, &movabs, "movabs rbx,0x5eedc0de0badf00d", |a| {
             a.mov_r64(Reg::Bx, DEFAULT_SEED)
         });
+
+        // The counter's instructions (GNU as 2.x, `.intel_syntax noprefix`).
+        check(false, &[0xff, 0xc3], "inc ebx", |a| a.inc(Reg::Bx));
+        check(true, &[0x48, 0xff, 0xc3], "inc rbx", |a| a.inc(Reg::Bx));
+        check(false, &[0xc1, 0xc5, 0x04], "rol ebp,0x4", |a| {
+            a.rol(Reg::Bp, 4)
+        });
+        check(true, &[0x48, 0xc1, 0xc5, 0x04], "rol rbp,0x4", |a| {
+            a.rol(Reg::Bp, 4)
+        });
+        check(true, &[0x48, 0xc1, 0xc5, 0x20], "rol rbp,0x20", |a| {
+            a.rol(Reg::Bp, 32)
+        });
+        check(false, &[0xf7, 0xf1], "div ecx", |a| a.div(Reg::Cx));
+        check(true, &[0x48, 0xf7, 0xf1], "div rcx", |a| a.div(Reg::Cx));
+        check(false, &[0x85, 0xd2], "test edx,edx", |a| {
+            a.alu(Alu::Test, Reg::Dx, Reg::Dx)
+        });
+        check(true, &[0x48, 0x85, 0xd2], "test rdx,rdx", |a| {
+            a.alu(Alu::Test, Reg::Dx, Reg::Dx)
+        });
+        check(true, &[0x48, 0x89, 0xdd], "mov rbp,rbx", |a| {
+            a.alu(Alu::Mov, Reg::Bp, Reg::Bx)
+        });
+        check(true, &[0x48, 0x31, 0xc5], "xor rbp,rax", |a| {
+            a.alu(Alu::Xor, Reg::Bp, Reg::Ax)
+        });
+        check(false, &[0x31, 0xd0], "xor eax,edx", |a| {
+            a.alu(Alu::Xor, Reg::Ax, Reg::Dx)
+        });
+        check(true, &[0x48, 0x89, 0x1f], "mov QWORD PTR [rdi],rbx", |a| {
+            a.alu_mem(Alu::Mov, Reg::Di, Reg::Bx)
+        });
+        check(false, &[0x89, 0x1f], "mov DWORD PTR [edi],ebx", |a| {
+            a.alu_mem(Alu::Mov, Reg::Di, Reg::Bx)
+        });
+        check(
+            true,
+            &[0x48, 0x89, 0x47, 0x08],
+            "mov QWORD PTR [rdi+0x8],rax",
+            |a| a.alu_mem_disp(Alu::Mov, Reg::Di, 8, Reg::Ax),
+        );
+        check(
+            false,
+            &[0x89, 0x47, 0x08],
+            "mov DWORD PTR [edi+0x8],eax",
+            |a| a.alu_mem_disp(Alu::Mov, Reg::Di, 8, Reg::Ax),
+        );
+        check(
+            false,
+            &[0x89, 0x6f, 0x0c],
+            "mov DWORD PTR [edi+0xc],ebp",
+            |a| a.alu_mem_disp(Alu::Mov, Reg::Di, 12, Reg::Bp),
+        );
+        for long in [false, true] {
+            check(long, &[0x31, 0xd2], "xor edx,edx", |a| {
+                a.alu32(Alu::Xor, Reg::Dx, Reg::Dx)
+            });
+            check(long, &[0x89, 0xe8], "mov eax,ebp", |a| {
+                a.alu32(Alu::Mov, Reg::Ax, Reg::Bp)
+            });
+            check(long, &[0x83, 0xe0, 0x0f], "and eax,0xf", |a| {
+                a.alu32_imm8(AluImm::And, Reg::Ax, 0xf)
+            });
+            check(long, &[0x83, 0xf8, 0x0a], "cmp eax,0xa", |a| {
+                a.alu32_imm8(AluImm::Cmp, Reg::Ax, 10)
+            });
+            check(long, &[0x83, 0xc0, 0x27], "add eax,0x27", |a| {
+                a.alu32_imm8(AluImm::Add, Reg::Ax, 0x27)
+            });
+            let mut a = Asm::new(long);
+            let l = a.label();
+            a.jcc(Cond::Below, l);
+            assert_eq!(&a.code[..2], &[0x0f, 0x82], "jb rel32");
+        }
 
         // lidt with an absolute address: disp32 in 32-bit code, SIB + disp32 in 64-bit
         // code (where plain disp32 is RIP-relative).
@@ -1128,6 +1542,128 @@ mod tests {
         let _ = TinyGuest::new(Mode::Long)
             .touch_pages(0xf_f000, 4, 0x1000)
             .build();
+    }
+
+    #[test]
+    fn counter_starts_from_zero_in_rbx_and_stores_n_at_counter_addr() {
+        for mode in [Mode::Long, Mode::Pvh] {
+            let f = TinyGuest::new(mode)
+                .counter(16 << 20, 256, 0x1000, 10)
+                .build();
+            let image = image_of(&f);
+            let rex: &[u8] = if mode == Mode::Long { &[0x48] } else { &[] };
+            // xor ebx, ebx; inc rbx; mov edi, COUNTER_ADDR; mov [rdi], rbx.
+            let want = [
+                &[0x31, 0xdb][..],
+                rex,
+                &[0xff, 0xc3, 0xbf],
+                &u32_of(COUNTER_ADDR, "").to_le_bytes(),
+                rex,
+                &[0x89, 0x1f],
+            ]
+            .concat();
+            assert_eq!(&image[..want.len()], &want[..], "{mode:?}");
+            let prefix: &[u8] = if mode == Mode::Long {
+                b"pass "
+            } else {
+                b"pass 00000000"
+            };
+            assert!(image.windows(prefix.len()).any(|w| w == prefix), "{mode:?}");
+            assert!(image.len() < 0x1000, "{mode:?}: no page tables");
+        }
+    }
+
+    #[test]
+    fn counter_above_4gib_brings_page_tables() {
+        let f = TinyGuest::new(Mode::Long)
+            .counter(0x1_0000_0000, 2, 0x1000, 1)
+            .build();
+        let image = image_of(&f);
+        // mov eax, pml4; mov cr3, rax; then the counter.
+        assert_eq!(image[0], 0xb8);
+        assert_eq!(&image[5..10], &[0x0f, 0x22, 0xd8, 0x31, 0xdb]);
+        let pml4 = u64::from(u32_at(image, 1));
+        assert_eq!(len_u64(image), pml4 - LOAD_ADDR + 7 * PAGE, "5 GiB mapped");
+    }
+
+    #[test]
+    #[should_panic(expected = "overlap the pass number")]
+    fn counter_pages_never_cover_the_pass_number() {
+        let _ = TinyGuest::new(Mode::Pvh)
+            .counter(0xe000, 4, 0x1000, 1)
+            .build();
+    }
+
+    #[test]
+    #[should_panic(expected = "must be the last step")]
+    fn nothing_follows_a_counter() {
+        let _ = TinyGuest::new(Mode::Long)
+            .counter(16 << 20, 1, 0x1000, 1)
+            .print("never\n")
+            .build();
+    }
+
+    #[test]
+    #[should_panic(expected = "multiples of 0x1000")]
+    fn counter_pages_are_whole_pages() {
+        let _ = TinyGuest::new(Mode::Long).counter(16 << 20, 4, 0x800, 1);
+    }
+
+    #[test]
+    #[should_panic(expected = "print_every > 0")]
+    fn counter_prints_every_some_passes() {
+        let _ = TinyGuest::new(Mode::Long).counter(16 << 20, 4, 0x1000, 0);
+    }
+
+    #[test]
+    fn counter_word_mixes_address_and_pass() {
+        assert_eq!(
+            counter_word(0x100_0000, 0x1234),
+            0x0000_1234_0100_0000 ^ COUNTER_SEED
+        );
+        assert_ne!(counter_word(0x1000, 1), counter_word(0x2000, 1));
+        assert_ne!(counter_word(0x1000, 1), counter_word(0x1000, 2));
+        // Above 2^32 passes the high half of n lands in the low half.
+        assert_eq!(counter_word(0, 1 << 32), 1 ^ COUNTER_SEED);
+    }
+
+    #[test]
+    fn counter_lines_parse_and_skip_the_rest() {
+        let console = "booting\npass 0000000000000005\r\nnoise pass 1\n\
+                       pass 000000000000000a\npass 00000000000000ff\npass 000000";
+        assert_eq!(parse_counter_lines(console), Ok(vec![5, 10, 255]));
+        assert_eq!(parse_counter_lines(""), Ok(vec![]));
+        assert_eq!(parse_counter_lines("pass 0000000000000001"), Ok(vec![]));
+        assert_eq!(
+            parse_counter_lines("pass ffffffffffffffff\n"),
+            Ok(vec![u64::MAX])
+        );
+        let bad = parse_counter_lines("x\npass 00000000000000G1\n").unwrap_err();
+        assert!(bad.contains("console line 2"), "{bad}");
+        assert!(parse_counter_lines("pass 0001\n").is_err());
+        assert!(parse_counter_lines("pass 000000000000000A\n").is_err());
+    }
+
+    #[test]
+    fn consecutive_counter_lines_go_up_by_print_every() {
+        assert_eq!(check_consecutive(&[], 4), Ok(()));
+        assert_eq!(check_consecutive(&[8], 4), Ok(()));
+        assert_eq!(check_consecutive(&[4, 8, 12, 16], 4), Ok(()));
+        let gap = check_consecutive(&[4, 8, 16, 20, 20], 4).unwrap_err();
+        assert!(
+            gap.contains("lines 2 and 3") && gap.contains("0x8 then 0x10") && gap.contains("gap"),
+            "{gap}"
+        );
+        let repeat = check_consecutive(&[1, 2, 2], 1).unwrap_err();
+        assert!(
+            repeat.contains("lines 2 and 3") && repeat.contains("repeat"),
+            "{repeat}"
+        );
+        let back = check_consecutive(&[5, 3], 1).unwrap_err();
+        assert!(back.contains("going back"), "{back}");
+        let small = check_consecutive(&[10, 15], 10).unwrap_err();
+        assert!(small.contains("expected 0x14"), "{small}");
+        assert!(check_consecutive(&[u64::MAX, 0], 1).is_err());
     }
 
     #[test]

@@ -223,6 +223,24 @@ pub fn execute(
         }
         Response::err(why)
     };
+    if migrations.busy()
+        && matches!(
+            command,
+            Command::VmPause
+                | Command::VmResume
+                | Command::DirtyStart
+                | Command::DirtyHarvest
+                | Command::DirtyStop
+        )
+    {
+        // The migration harvests the dirty log and pauses and resumes the vCPUs itself:
+        // a harvest here would lose dirty pages, a resume would run the guest while
+        // its final state is sent.
+        return (
+            Response::err("A migration is under way; it owns dirty logging and pause/resume (migrate status, migrate cancel)"),
+            After::Continue,
+        );
+    }
     let response = match command {
         Command::VmInfo => Response::ok(json!(machine.info())),
         Command::VmPause => match machine.pause() {

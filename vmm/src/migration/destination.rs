@@ -413,6 +413,16 @@ fn receive_one(
     })
 }
 
+/// Whether `len` bytes from `gpa` lie inside one region.
+fn in_one_region(regions: &[Region], gpa: u64, len: u64) -> bool {
+    regions.iter().any(|r| {
+        gpa >= r.gpa
+            && gpa
+                .checked_add(len)
+                .is_some_and(|end| end <= r.gpa + r.size)
+    })
+}
+
 /// Moves the vCPU states into `state`, in order; every vCPU must have one.
 fn take_vcpus(vcpus: Vec<Option<Vec<u8>>>, state: &mut MachineState) -> Result<(), RestoreError> {
     for (i, v) in vcpus.into_iter().enumerate() {
@@ -467,6 +477,12 @@ fn receive_body(
         match dec.recv_expecting(allowed).map_err(proto)? {
             Message::Pages(run) => {
                 let n = u64::from(run.count);
+                if !in_one_region(&header.regions, run.gpa, n.saturating_mul(page)) {
+                    return Err(DestinationError::Memory(GuestRamError::NotMapped {
+                        start: run.gpa,
+                        end: run.gpa.saturating_add(n.saturating_mul(page)),
+                    }));
+                }
                 match run.data {
                     PageData::Bytes(data) => {
                         ram.write(run.gpa, &data)?;
@@ -485,7 +501,7 @@ fn receive_body(
                 }
             }
             Message::RoundEnd(r) => {
-                rounds = r.round + 1;
+                rounds = r.round.saturating_add(1);
                 log::info!(
                     "Received round {}: {} MiB read so far; {} bytes still dirty at the source",
                     r.round,

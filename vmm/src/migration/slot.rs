@@ -85,6 +85,11 @@ impl Migrations {
         }
     }
 
+    /// Whether a migration is under way (it owns dirty logging and pause/resume).
+    pub fn busy(&self) -> bool {
+        self.outgoing.as_ref().is_some_and(Outgoing::active)
+    }
+
     /// `migrate.status`.
     pub fn status(&self) -> Response {
         let status = self
