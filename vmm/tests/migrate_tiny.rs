@@ -109,6 +109,12 @@ fn ctl(socket: &str, args: &[&str]) -> Output {
         .unwrap()
 }
 
+fn ctl_json(socket: &str, args: &[&str]) -> serde_json::Value {
+    let out = ctl(socket, args);
+    assert!(out.status.success(), "{out:?}");
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
 fn read(path: &Path) -> String {
     let mut s = String::new();
     if let Ok(mut f) = std::fs::File::open(path) {
@@ -142,13 +148,38 @@ fn lines(path: &Path) -> usize {
         .unwrap_or(0)
 }
 
+/// A TCP port nobody listens on right now.
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
 #[test]
 fn a_running_counter_guest_migrates_and_goes_on_where_it_stopped() {
     let dir = Scratch::new("counter");
-    let kernel = counter_guest(&dir, 512);
+    let mig = format!("unix:{}", dir.s("mig.sock"));
+    migrate_counter(&dir, &mig, 1);
+}
+
+#[test]
+fn a_two_vcpu_counter_guest_migrates_over_tcp() {
+    let dir = Scratch::new("counter-tcp");
+    let mig = format!("tcp:127.0.0.1:{}", free_port());
+    migrate_counter(&dir, &mig, 2);
+}
+
+/// Migrates a 64 MiB counter guest with `cpus` vCPUs to `mig` with `--verify`, and
+/// checks the destination starts from the source's memory page for page and goes on
+/// counting from where the source stopped.
+fn migrate_counter(dir: &Scratch, mig: &str, cpus: u32) {
+    let kernel = counter_guest(dir, 512);
     let (src_log, dst_log) = (dir.path("src.console"), dir.path("dst.console"));
     let (src_api, dst_api) = (dir.s("src.api"), dir.s("dst.api"));
-    let mig = format!("unix:{}", dir.s("mig.sock"));
+    let mig = mig.to_string();
+    let cpus_arg = cpus.to_string();
     let mut src = Proc::spawn(
         &[
             "run",
@@ -156,6 +187,8 @@ fn a_running_counter_guest_migrates_and_goes_on_where_it_stopped() {
             &kernel,
             "--memory",
             "64M",
+            "--cpus",
+            &cpus_arg,
             "--serial",
             &format!("file:{}", src_log.display()),
             "--api-socket",
@@ -203,6 +236,10 @@ fn a_running_counter_guest_migrates_and_goes_on_where_it_stopped() {
         || lines(&dst_log) >= 3,
     );
     assert!(dst.alive(), "{}", dst.stderr());
+    let info = ctl_json(&dst_api, &["vm", "info"]);
+    assert_eq!(info["cpus"], cpus, "{info}");
+    assert_eq!(info["memory_bytes"], 64 * MIB, "{info}");
+    assert_eq!(info["state"], "running", "{info}");
     let out = ctl(&dst_api, &["vm", "shutdown"]);
     assert!(out.status.success());
     assert_eq!(
