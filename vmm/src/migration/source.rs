@@ -519,45 +519,8 @@ impl Sender {
         count: u64,
         page_shift: u8,
     ) -> Result<(), SourceError> {
-        let page = 1usize << page_shift;
-        let len = usize::try_from(count).unwrap_or(0) * page;
-        let mut buf = vec![0u8; len];
-        self.ram.read(gpa, &mut buf)?;
-        let (mut data_pages, mut zero_pages, mut ballooned) = (0u64, 0u64, 0u64);
-        let mut run_start = 0usize;
-        let mut run_zero = None;
-        let pages = len / page;
-        for p in 0..=pages {
-            let zero = (p < pages).then(|| is_zero(&buf[p * page..(p + 1) * page]));
-            if zero != run_zero || p == pages {
-                if let Some(z) = run_zero {
-                    let at = gpa + (run_start * page) as u64;
-                    let n = p - run_start;
-                    if z {
-                        enc.send(&Message::Pages(PageRun::zero(
-                            at,
-                            page_shift,
-                            u32::try_from(n).unwrap_or(u32::MAX),
-                        )))?;
-                        zero_pages += n as u64;
-                        for k in 0..n {
-                            if self
-                                .ram
-                                .page_state(at + (k * page) as u64)
-                                .is_ok_and(|s| s.ballooned)
-                            {
-                                ballooned += 1;
-                            }
-                        }
-                    } else {
-                        enc.send_pages(at, page_shift, &buf[run_start * page..p * page])?;
-                        data_pages += n as u64;
-                    }
-                }
-                run_start = p;
-                run_zero = zero;
-            }
-        }
+        let sent = encode_range(&self.ram, enc, gpa, count, page_shift)?;
+        let (data_pages, zero_pages, ballooned) = (sent.data, sent.zero, sent.ballooned);
         let bytes = enc.bytes_written();
         self.status.update(|s| {
             s.bytes_sent = bytes;
@@ -569,6 +532,72 @@ impl Sender {
         self.write_watch(false);
         Ok(())
     }
+}
+
+/// What [`encode_range`] sent.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RangeSent {
+    /// Pages sent with their contents.
+    pub data: u64,
+    /// Pages sent as zero runs.
+    pub zero: u64,
+    /// Of those, pages the balloon holds.
+    pub ballooned: u64,
+}
+
+/// Reads `count` pages from `gpa` (inside one region, at most one run) under the read
+/// lock of that range, and writes them to `enc` as runs: all-zero pages (ballooned
+/// pages read as zero) as zero runs without bytes, the others with their contents.
+pub fn encode_range<W: Write>(
+    ram: &GuestRam,
+    enc: &mut Encoder<W>,
+    gpa: u64,
+    count: u64,
+    page_shift: u8,
+) -> Result<RangeSent, SourceError> {
+    let page = 1usize << page_shift;
+    let len = usize::try_from(count).unwrap_or(0) * page;
+    let mut buf = vec![0u8; len];
+    ram.read(gpa, &mut buf)?;
+    let (mut data_pages, mut zero_pages, mut ballooned) = (0u64, 0u64, 0u64);
+    let mut run_start = 0usize;
+    let mut run_zero = None;
+    let pages = len / page;
+    for p in 0..=pages {
+        let zero = (p < pages).then(|| is_zero(&buf[p * page..(p + 1) * page]));
+        if zero != run_zero || p == pages {
+            if let Some(z) = run_zero {
+                let at = gpa + (run_start * page) as u64;
+                let n = p - run_start;
+                if z {
+                    enc.send(&Message::Pages(PageRun::zero(
+                        at,
+                        page_shift,
+                        u32::try_from(n).unwrap_or(u32::MAX),
+                    )))?;
+                    zero_pages += n as u64;
+                    for k in 0..n {
+                        if ram
+                            .page_state(at + (k * page) as u64)
+                            .is_ok_and(|s| s.ballooned)
+                        {
+                            ballooned += 1;
+                        }
+                    }
+                } else {
+                    enc.send_pages(at, page_shift, &buf[run_start * page..p * page])?;
+                    data_pages += n as u64;
+                }
+            }
+            run_start = p;
+            run_zero = zero;
+        }
+    }
+    Ok(RangeSent {
+        data: data_pages,
+        zero: zero_pages,
+        ballooned,
+    })
 }
 
 fn send_state(enc: &mut Enc, state: &MachineState) -> Result<(), ProtocolError> {
@@ -649,6 +678,56 @@ fn session_id() -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Guest RAM of 64 pages: page 1 and pages 10..13 with contents, pages 20..30
+    /// given back by the balloon after holding contents, the rest never touched.
+    fn ram_with_balloon() -> GuestRam {
+        let ram = GuestRam::new(rangevm_memory::LockMode::Range, &[(0, 64 * 4096)]).unwrap();
+        ram.write(4096, &[1u8; 4096]).unwrap();
+        for p in 10..13u8 {
+            ram.write(u64::from(p) * 4096, &[p; 4096]).unwrap();
+        }
+        for p in 20..30u64 {
+            ram.write(p * 4096, &[0xee; 4096]).unwrap();
+        }
+        ram.discard(20 * 4096..30 * 4096).unwrap();
+        ram
+    }
+
+    #[test]
+    fn ballooned_and_zero_pages_go_as_zero_runs_without_bytes() {
+        use crate::migration::protocol::PageData;
+        let ram = ram_with_balloon();
+        let mut enc = Encoder::new(Vec::new());
+        let sent = encode_range(&ram, &mut enc, 0, 64, 12).unwrap();
+        assert_eq!(
+            sent,
+            RangeSent {
+                data: 4,
+                zero: 60,
+                ballooned: 10
+            }
+        );
+        let bytes = enc.into_inner();
+        // 4 pages of contents plus a few frames of framing: nothing of the balloon's.
+        assert!(bytes.len() < 4 * 4096 + 8 * 64, "{}", bytes.len());
+        let mut dec = Decoder::new(&bytes[..]);
+        let mut runs = Vec::new();
+        while let Ok(Message::Pages(run)) = dec.recv() {
+            let with_data = matches!(run.data, PageData::Bytes(_));
+            runs.push((run.gpa / 4096, run.count, with_data));
+        }
+        assert_eq!(
+            runs,
+            vec![
+                (0, 1, false),
+                (1, 1, true),
+                (2, 8, false),
+                (10, 3, true),
+                (13, 51, false)
+            ]
+        );
+    }
 
     #[test]
     fn zero_pages_are_found() {
