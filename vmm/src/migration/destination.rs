@@ -368,8 +368,8 @@ fn receive_one(
     };
     enc.send(&Message::Ack(AckKind::Accepted)).map_err(proto)?;
     enc.flush().map_err(proto)?;
-    log::info!(
-        "Accepted a migration from {peer}: {} MiB, {cpus} vCPU(s)",
+    eprintln!(
+        "rangevm: accepted a migration from {peer}: {} MiB, {cpus} vCPU(s); receiving",
         memory >> 20
     );
     let mut state = MachineState::default();

@@ -1,7 +1,8 @@
 //! CRC32C (Castagnoli, reflected polynomial 0x82f63b78), computed "slicing by 16":
 //! sixteen 256-entry tables (16 KiB) built at compile time let the loop take 16 bytes per
 //! step. Table 0 is the classic byte-at-a-time table; table k advances a byte's
-//! contribution by k more zero bytes.
+//! contribution by k more zero bytes. On x86_64 hosts with SSE4.2 the `crc32`
+//! instruction computes the same CRC several times faster; both paths are tested to agree.
 
 const CRC32C_POLY: u32 = 0x82f6_3b78;
 
@@ -55,6 +56,20 @@ impl Crc32c {
 
     /// Feeds `bytes`.
     pub fn update(&mut self, bytes: &[u8]) {
+        #[cfg(target_arch = "x86_64")]
+        {
+            if std::is_x86_feature_detected!("sse4.2") {
+                // SAFETY: the CPU has SSE4.2 (checked just above), the only target
+                // feature `update_sse42` is compiled with.
+                self.0 = unsafe { update_sse42(self.0, bytes) };
+                return;
+            }
+        }
+        self.update_tables(bytes);
+    }
+
+    /// Feeds `bytes` through the tables (every host).
+    pub fn update_tables(&mut self, bytes: &[u8]) {
         let t = &CRC32C_TABLES;
         let mut crc = self.0;
         let mut chunks = bytes.chunks_exact(16);
@@ -94,4 +109,26 @@ impl Crc32c {
         crc.update(bytes);
         crc.finish()
     }
+}
+
+/// CRC32C with the SSE4.2 `crc32` instruction, 8 bytes at a time.
+///
+/// # Safety
+/// The CPU must support SSE4.2.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "sse4.2")]
+unsafe fn update_sse42(mut crc: u32, bytes: &[u8]) -> u32 {
+    use std::arch::x86_64::{_mm_crc32_u64, _mm_crc32_u8};
+    let mut chunks = bytes.chunks_exact(8);
+    let mut wide = u64::from(crc);
+    for c in &mut chunks {
+        let word = u64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]);
+        wide = _mm_crc32_u64(wide, word);
+    }
+    // The instruction leaves the 32-bit CRC in the low half.
+    crc = u32::try_from(wide & 0xffff_ffff).unwrap_or(0);
+    for &b in chunks.remainder() {
+        crc = _mm_crc32_u8(crc, b);
+    }
+    crc
 }
