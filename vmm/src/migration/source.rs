@@ -31,8 +31,6 @@ const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
 const RUNNING_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long the machine may take to answer a migration request.
 const MACHINE_TIMEOUT: Duration = Duration::from_secs(30);
-/// Rounds that send less than this do not update the bandwidth estimate.
-const MIN_BANDWIDTH_SAMPLE: u64 = 1 << 20;
 
 /// Errors of the sending side.
 #[derive(Debug, thiserror::Error)]
@@ -173,7 +171,41 @@ enum End {
     Unknown(String),
 }
 
-type Enc = Encoder<BufWriter<Stream>>;
+type Enc = Encoder<BufWriter<TimedWriter>>;
+
+/// The connection, timing its writes: bytes over the time spent in `write` is the
+/// bandwidth the link (and the destination's reading) gives, whatever time reading
+/// guest memory and finding zero pages takes between the writes.
+#[derive(Debug)]
+struct TimedWriter {
+    inner: Stream,
+    busy: Duration,
+    bytes: u64,
+}
+
+impl TimedWriter {
+    /// Bytes per second while writing, 0 before anything was written.
+    fn bandwidth(&self) -> u64 {
+        if self.bytes == 0 {
+            0
+        } else {
+            per_second(self.bytes, self.busy)
+        }
+    }
+}
+
+impl Write for TimedWriter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let t = Instant::now();
+        let n = self.inner.write(buf)?;
+        self.busy += t.elapsed();
+        self.bytes += n as u64;
+        Ok(n)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
+}
 type Dec = Decoder<BufReader<Stream>>;
 
 impl Sender {
@@ -298,7 +330,14 @@ impl Sender {
         let reader = stream.try_clone().map_err(SourceError::Socket)?;
         let header = self.header()?;
         let page_shift = header.page_shift;
-        let mut enc: Enc = Encoder::new(BufWriter::with_capacity(1 << 20, stream));
+        let mut enc: Enc = Encoder::new(BufWriter::with_capacity(
+            1 << 20,
+            TimedWriter {
+                inner: stream,
+                busy: Duration::ZERO,
+                bytes: 0,
+            },
+        ));
         let mut dec: Dec = Decoder::new(BufReader::new(reader));
         dec.expect_page_shift(page_shift);
         enc.send(&Message::Header(header))?;
@@ -345,7 +384,12 @@ impl Sender {
             }
             let sent = enc.bytes_written() - bytes_before;
             let secs = t.elapsed().as_secs_f64().max(1e-6);
-            if sent >= MIN_BANDWIDTH_SAMPLE || bandwidth == 0 {
+            // Flush so that the round's bytes are on the link and timed.
+            enc.flush()?;
+            let link = enc.get_mut().get_ref().bandwidth();
+            if link > 0 {
+                bandwidth = link;
+            } else if bandwidth == 0 {
                 bandwidth = per_second(sent, t.elapsed()).max(1);
             }
             let dirty =
