@@ -2,7 +2,7 @@
 # Installs what building and testing rangevm needs and is not already there, so that
 # scripts/test.sh and .ci/run work on a fresh Debian (bookworm) machine.
 #
-#   scripts/ensure-deps.sh          cross toolchain, qemu-user and qemu-system-x86 (apt), ppc64le Rust target,
+#   scripts/ensure-deps.sh          cross toolchain, qemu-user and qemu-system-x86 and iproute2 (ip netns, for the migration test between two network namespaces) (apt), ppc64le Rust target,
 #                                   a nightly toolchain and cargo-fuzz (for the fuzz step)
 #   scripts/ensure-deps.sh --lint   the same, plus the rustfmt and clippy components
 #
@@ -12,7 +12,7 @@
 set -euo pipefail
 
 CROSS_TARGET=powerpc64le-unknown-linux-gnu
-APT_PACKAGES=(gcc-powerpc64le-linux-gnu libc6-dev-ppc64el-cross qemu-user-static qemu-system-x86)
+APT_PACKAGES=(gcc-powerpc64le-linux-gnu libc6-dev-ppc64el-cross qemu-user-static qemu-system-x86 iproute2)
 
 want_lint=0
 for arg in "$@"; do
