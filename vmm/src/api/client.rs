@@ -245,9 +245,15 @@ fn watch_migration(
             continue;
         };
         if let Ok(status) = serde_json::from_value::<MigrationStatus>(value.clone()) {
-            if tty {
+            // A failure is said once, by the error this returns.
+            let failed = status.finished() && status.phase != Phase::Completed;
+            if tty && !failed {
                 eprint!("\r\x1b[K{}", status.line());
-            } else if status.finished() || last_round != Some((status.round, status.phase)) {
+            } else if tty {
+                eprint!("\r\x1b[K");
+            } else if !failed
+                && (status.finished() || last_round != Some((status.round, status.phase)))
+            {
                 eprintln!("{}", status.line());
             }
             last_round = Some((status.round, status.phase));
