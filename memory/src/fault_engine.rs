@@ -115,6 +115,9 @@ pub struct FaultEngine {
     /// Kept open for as long as the engine runs: closing a userfaultfd unregisters its
     /// ranges, and their pages would then silently fill with zeros.
     uffds: Vec<Arc<Userfaultfd>>,
+    /// The guest-physical range each userfaultfd serves.
+    shard_ranges: Vec<std::ops::Range<u64>>,
+    ram: Arc<GuestRam>,
 }
 
 /// How long a handler sleeps in poll(2) before it looks at the stop flag.
@@ -145,7 +148,7 @@ impl FaultEngine {
                 shards: config.shards,
             });
         }
-        let uffds = Self::shard(&ram, config.shards)?;
+        let (uffds, shard_ranges) = Self::shard(&ram, config.shards)?;
         let stop = Arc::new(AtomicBool::new(false));
         let counters = Arc::new(Counters::default());
         let mut engine = FaultEngine {
@@ -153,6 +156,8 @@ impl FaultEngine {
             threads: Vec::with_capacity(config.handlers),
             counters: Arc::clone(&counters),
             uffds: uffds.clone(),
+            shard_ranges,
+            ram: Arc::clone(&ram),
         };
         for i in 0..config.handlers {
             // More handlers than shards: handlers share a shard. Fewer: each handler
@@ -188,25 +193,69 @@ impl FaultEngine {
 
     /// `shards` userfaultfds, each registered for a contiguous, page-aligned part of
     /// guest RAM (shards that would be empty are not created).
-    fn shard(ram: &GuestRam, shards: usize) -> Result<Vec<Arc<Userfaultfd>>, FaultEngineError> {
+    #[allow(clippy::type_complexity)]
+    fn shard(
+        ram: &GuestRam,
+        shards: usize,
+    ) -> Result<(Vec<Arc<Userfaultfd>>, Vec<std::ops::Range<u64>>), FaultEngineError> {
         let page = ram.page_size();
         let regions = ram.regions();
         let (Some(first), Some(last)) = (regions.first(), regions.last()) else {
-            return Ok(vec![Arc::new(Userfaultfd::new()?)]);
+            return Ok((vec![Arc::new(Userfaultfd::new()?)], std::iter::once(0..0).collect()));
         };
         let (lo, hi) = (first.start, last.end());
         let pages = (hi - lo) / page;
         let per_shard = pages.div_ceil(shards as u64).max(1) * page;
         let mut uffds = Vec::with_capacity(shards);
+        let mut ranges = Vec::with_capacity(shards);
         let mut start = lo;
         while start < hi {
             let end = (start + per_shard).min(hi);
             let uffd = Userfaultfd::new()?;
             ram.register_missing_range(&uffd, start..end)?;
             uffds.push(Arc::new(uffd));
+            ranges.push(start..end);
             start = end;
         }
-        Ok(uffds)
+        Ok((uffds, ranges))
+    }
+
+    /// Places `count` received pages from `gpa` (one region; `data` their bytes, or
+    /// `None` for zero pages) through the userfaultfds that serve them, under the write
+    /// lock of each shard's part of the run (see [`GuestRam::place_pages`]).
+    pub fn place(
+        &self,
+        gpa: u64,
+        count: u64,
+        data: Option<&[u8]>,
+    ) -> Result<crate::guest_ram::postcopy::Placed, GuestRamError> {
+        let page = self.ram.page_size();
+        let mut placed = crate::guest_ram::postcopy::Placed::default();
+        let end = gpa.saturating_add(count.saturating_mul(page));
+        let mut at = gpa;
+        while at < end {
+            let Some(i) = self.shard_ranges.iter().position(|r| r.contains(&at)) else {
+                return Err(GuestRamError::NotMapped { start: at, end });
+            };
+            let piece_end = end.min(self.shard_ranges[i].end);
+            let n = (piece_end - at) / page;
+            let bytes = data.map(|d| {
+                let off = usize::try_from((at - gpa) / page * page).unwrap_or(usize::MAX);
+                let len = usize::try_from(n * page).unwrap_or(usize::MAX);
+                d.get(off..off.saturating_add(len)).unwrap_or(&[])
+            });
+            placed.add(self.ram.place_pages(&self.uffds[i], at, n, bytes)?);
+            at = piece_end;
+        }
+        Ok(placed)
+    }
+
+    /// The end of postcopy: marks guest RAM ordinary ([`GuestRam::finish_missing`]),
+    /// then stops the handlers and closes the userfaultfds (a page still missing was
+    /// discarded, and reads as zero from now on).
+    pub fn finish(self) -> FaultStats {
+        self.ram.finish_missing();
+        self.stop()
     }
 
     /// Number of userfaultfds (shards) in use; fewer than asked when guest RAM has

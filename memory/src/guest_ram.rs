@@ -203,8 +203,9 @@ impl MemoryMap {
 pub struct GuestRam {
     lock: RangeLock,
     page_size: u64,
-    /// Pages start missing and are served by userfaultfd (`new_missing`).
-    missing: bool,
+    /// Pages start missing and are served by userfaultfd (`new_missing`), until
+    /// `finish_missing` (the end of a postcopy migration).
+    missing: std::sync::atomic::AtomicBool,
     map: ArcSwap<MemoryMap>,
 }
 
@@ -228,7 +229,7 @@ impl GuestRam {
         let ram = GuestRam {
             lock,
             page_size,
-            missing: !present,
+            missing: std::sync::atomic::AtomicBool::new(!present),
             map: ArcSwap::from_pointee(MemoryMap::default()),
         };
         for &(start, size) in regions {
@@ -364,7 +365,7 @@ impl GuestRam {
         let Some(first) = map.regions.first() else {
             return Err(GuestRamError::NotMapped { start: 0, end: 0 });
         };
-        if self.missing {
+        if self.is_missing() {
             return Err(GuestRamError::NotPresent(first.start));
         }
         Ok(f(&map.mem))
@@ -394,7 +395,7 @@ impl GuestRam {
             madvise_discard(&map.mem, i, s, e)?;
             let page = self.page_size;
             let pages = usize_of((s - r.start) / page)..usize_of((e - r.start) / page);
-            r.states.set_ballooned(pages, self.missing);
+            r.states.set_ballooned(pages, self.is_missing());
             mark_dirty(&map.mem, s, e);
             Ok(())
         })
@@ -648,5 +649,6 @@ fn usize_of(v: u64) -> usize {
 
 pub mod dirty;
 pub mod faults;
+pub mod postcopy;
 #[cfg(test)]
 mod tests;

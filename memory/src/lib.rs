@@ -15,6 +15,7 @@ pub mod uffd;
 pub use fault_engine::{FaultEngine, FaultEngineConfig, FaultEngineError, FaultStats};
 pub use guest_ram::dirty::{DirtyLog, HarvestStats};
 pub use guest_ram::faults::{PageContent, PageSource, Resolution, ZeroSource};
+pub use guest_ram::postcopy::Placed;
 pub use guest_ram::{GuestRam, GuestRamError, RegionInfo};
 pub use host::host_page_size;
 pub use image_source::{ImageLayout, ImageSource, ImageSourceError};

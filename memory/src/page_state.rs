@@ -80,6 +80,12 @@ impl PageStates {
         self.update(pages, 0, BALLOONED);
     }
 
+    /// The pages are there, whatever the balloon holds (the end of postcopy: a page
+    /// still missing was discarded and reads as zero once userfaultfd is gone).
+    pub(crate) fn set_present_keep_balloon(&self, pages: std::ops::Range<usize>) {
+        self.update(pages, PRESENT, 0);
+    }
+
     /// The pages now hold data (received, zero-filled, or written by the VMM).
     pub(crate) fn set_present(&self, pages: std::ops::Range<usize>) {
         self.update(pages, PRESENT, BALLOONED | DISCARDED);

@@ -1,0 +1,283 @@
+//! Postcopy placement: pages that arrive from a migration source are put into guest
+//! RAM that userfaultfd serves, under the write lock of their run (DESIGN.md: a
+//! background push takes its chunk's write lock), without ever undoing what happened
+//! to a page on this side since: a page already present (received on demand, or
+//! written by the guest since) is kept, and a page the balloon discarded is dropped, so
+//! a late copy can never resurrect it.
+
+use std::ops::Range;
+use std::sync::atomic::Ordering;
+
+use vm_memory::{GuestAddress, GuestMemoryBackend};
+
+use super::{usize_of, GuestRam, GuestRamError, Result};
+use crate::uffd::{Filled, Userfaultfd};
+
+/// What placing a run of received pages did, page by page.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Placed {
+    /// Copied in (`UFFDIO_COPY`).
+    pub copied: u64,
+    /// Mapped as zero pages (`UFFDIO_ZEROPAGE`).
+    pub zeroed: u64,
+    /// Already present: kept as it is.
+    pub kept: u64,
+    /// Discarded by the balloon: dropped (zero on next touch, never the old content).
+    pub dropped: u64,
+}
+
+impl Placed {
+    /// Adds `other` in.
+    pub fn add(&mut self, other: Placed) {
+        self.copied += other.copied;
+        self.zeroed += other.zeroed;
+        self.kept += other.kept;
+        self.dropped += other.dropped;
+    }
+
+    /// Pages that are now there because of this placement.
+    pub fn filled(&self) -> u64 {
+        self.copied + self.zeroed
+    }
+}
+
+impl GuestRam {
+    /// Whether this RAM is still served by userfaultfd (a postcopy destination that has
+    /// not finished).
+    pub fn is_missing(&self) -> bool {
+        self.missing.load(Ordering::Acquire)
+    }
+
+    /// Places `count` received pages from `gpa` (page aligned, inside one region):
+    /// `data` holds their bytes, or `None` for all-zero pages. Takes the write lock of
+    /// the whole run. Each page that is missing and not discarded is filled through
+    /// `uffd` (which must be the userfaultfd registered for it) and becomes present;
+    /// the others are left alone.
+    pub fn place_pages(
+        &self,
+        uffd: &Userfaultfd,
+        gpa: u64,
+        count: u64,
+        data: Option<&[u8]>,
+    ) -> Result<Placed> {
+        let page = self.page_size;
+        self.check_aligned("Placement start", gpa)?;
+        let len = count.checked_mul(page).ok_or(GuestRamError::NotMapped {
+            start: gpa,
+            end: u64::MAX,
+        })?;
+        let range = Self::range_of(gpa, usize_of(len))?;
+        if let Some(d) = data {
+            if d.len() as u64 != len {
+                return Err(GuestRamError::Unaligned {
+                    what: "Placed data length",
+                    value: d.len() as u64,
+                    page_size: page,
+                });
+            }
+        }
+        let _guard = self.lock.write(range.clone())?;
+        let map = self.map.load();
+        let (_, r) = map.region_of(range.start).ok_or(GuestRamError::NotMapped {
+            start: range.start,
+            end: range.end,
+        })?;
+        if range.end > r.start + r.size {
+            return Err(GuestRamError::NotMapped {
+                start: range.start,
+                end: range.end,
+            });
+        }
+        let region =
+            map.mem
+                .find_region(GuestAddress(range.start))
+                .ok_or(GuestRamError::NotMapped {
+                    start: range.start,
+                    end: range.end,
+                })?;
+        let base = region.get_mmap().as_ptr() as u64;
+        let mut placed = Placed::default();
+        for k in 0..count {
+            let at = gpa + k * page;
+            let index = usize_of((at - r.start) / page);
+            if r.states.is_present(index) {
+                placed.kept += 1;
+                continue;
+            }
+            if r.states.is_ballooned(index) || r.states.is_discarded(index) {
+                placed.dropped += 1;
+                continue;
+            }
+            let host = base + (at - r.start);
+            let filled = match data {
+                Some(d) => {
+                    let off = usize_of(k * page);
+                    let bytes = &d[off..off + usize_of(page)];
+                    // SAFETY: `host .. host + page` is one host page inside this
+                    // region's live mapping (the run was checked to lie inside the
+                    // region), registered with `uffd` by the caller. No Rust reference
+                    // into userfaultfd-served memory exists (this crate reaches it only
+                    // through vm-memory's volatile accesses and the kernel), and the
+                    // run's write lock keeps every other accessor of the crate off it.
+                    unsafe { uffd.copy(host, bytes) }?
+                }
+                // SAFETY: as above.
+                None => unsafe { uffd.zero(host, page) }?,
+            };
+            r.states.set_present(index..index + 1);
+            match (filled, data) {
+                (Filled::AlreadyThere, _) => placed.kept += 1,
+                (Filled::Now, Some(_)) => placed.copied += 1,
+                (Filled::Now, None) => placed.zeroed += 1,
+            }
+        }
+        Ok(placed)
+    }
+
+    /// Whether the page containing `gpa` is present (received, filled or written).
+    pub fn is_present(&self, gpa: u64) -> bool {
+        self.page_state(gpa).is_ok_and(|s| s.present)
+    }
+
+    /// Pages neither present nor discarded: what a postcopy destination still needs
+    /// from its source.
+    pub fn missing_pages(&self) -> u64 {
+        let map = self.map.load();
+        let mut n = 0u64;
+        for r in &map.regions {
+            let pages = usize_of(r.size / self.page_size);
+            n += (0..pages)
+                .filter(|&p| !r.states.is_present(p) && !r.states.is_discarded(p))
+                .count() as u64;
+        }
+        n
+    }
+
+    /// The guest-physical ranges of the pages [`Self::missing_pages`] counts, merged
+    /// into runs, in address order.
+    pub fn missing_ranges(&self) -> Vec<Range<u64>> {
+        let map = self.map.load();
+        let page = self.page_size;
+        let mut out: Vec<Range<u64>> = Vec::new();
+        for r in &map.regions {
+            let pages = usize_of(r.size / page);
+            for p in 0..pages {
+                if !r.states.is_present(p) && !r.states.is_discarded(p) {
+                    let at = r.start + p as u64 * page;
+                    match out.last_mut() {
+                        Some(last) if last.end == at => last.end = at + page,
+                        _ => out.push(at..at + page),
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    /// The end of postcopy: nothing more comes from the source. Every page still
+    /// missing was discarded by the balloon and reads as zero once the userfaultfds
+    /// are closed, so every page is marked present (the balloon keeps its claim) and
+    /// the memory behaves as ordinary RAM from now on. Call with the userfaultfds
+    /// still open, then close them.
+    pub fn finish_missing(&self) {
+        let map = self.map.load();
+        for r in &map.regions {
+            let pages = usize_of(r.size / self.page_size);
+            r.states.set_present_keep_balloon(0..pages);
+        }
+        self.missing.store(false, Ordering::Release);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::host_page_size;
+    use crate::range_lock::LockMode;
+
+    fn ram(pages: u64) -> (GuestRam, Userfaultfd, u64) {
+        let page = host_page_size();
+        let ram = GuestRam::new_missing(LockMode::Range, &[(0, pages * page)]).unwrap();
+        let uffd = Userfaultfd::new().unwrap();
+        ram.register_missing(&uffd).unwrap();
+        (ram, uffd, page)
+    }
+
+    #[test]
+    #[cfg_attr(
+        not(target_arch = "x86_64"),
+        ignore = "userfaultfd is not emulated by qemu-user"
+    )]
+    fn received_pages_fill_missing_ones_and_keep_or_drop_the_rest() {
+        let (ram, uffd, page) = ram(8);
+        let p = usize_of(page);
+        // Page 1 arrives on demand first; page 3 is discarded by the balloon.
+        ram.place_pages(&uffd, page, 1, Some(&vec![0x11; p]))
+            .unwrap();
+        ram.discard(3 * page..4 * page).unwrap();
+        assert_eq!(ram.missing_pages(), 6);
+        assert_eq!(
+            ram.missing_ranges(),
+            vec![0..page, 2 * page..3 * page, 4 * page..8 * page]
+        );
+        // The background stream brings pages 0..4 with old contents.
+        let placed = ram
+            .place_pages(&uffd, 0, 4, Some(&vec![0x22; 4 * p]))
+            .unwrap();
+        assert_eq!(
+            placed,
+            Placed {
+                copied: 2,
+                zeroed: 0,
+                kept: 1,
+                dropped: 1
+            }
+        );
+        let mut b = vec![0u8; p];
+        ram.read(page, &mut b).unwrap();
+        assert!(
+            b.iter().all(|&x| x == 0x11),
+            "a page received first is kept"
+        );
+        ram.read(0, &mut b).unwrap();
+        assert!(b.iter().all(|&x| x == 0x22));
+        // The discarded page never got the late copy: it is still missing (zero on
+        // touch), not present with old content.
+        assert!(!ram.is_present(3 * page));
+        // Zero runs map zero pages.
+        let placed = ram.place_pages(&uffd, 4 * page, 4, None).unwrap();
+        assert_eq!(placed.zeroed, 4);
+        ram.read(5 * page, &mut b).unwrap();
+        assert!(b.iter().all(|&x| x == 0));
+        assert_eq!(ram.missing_pages(), 0);
+        ram.finish_missing();
+        assert!(!ram.is_missing());
+        assert!(ram.is_present(3 * page));
+        assert!(
+            ram.page_state(3 * page).unwrap().ballooned,
+            "the balloon keeps its claim"
+        );
+    }
+
+    #[test]
+    fn placement_checks_its_arguments() {
+        let page = host_page_size();
+        let ram = GuestRam::new_missing(LockMode::Range, &[(0, 4 * page)]).unwrap();
+        let uffd = Userfaultfd::new();
+        let Ok(uffd) = uffd else { return };
+        let p = usize_of(page);
+        assert!(ram.place_pages(&uffd, 1, 1, None).is_err(), "unaligned");
+        assert!(
+            ram.place_pages(&uffd, 0, 1, Some(&vec![0; p - 1])).is_err(),
+            "short"
+        );
+        assert!(
+            ram.place_pages(&uffd, 3 * page, 2, None).is_err(),
+            "past the end"
+        );
+        assert!(
+            ram.place_pages(&uffd, 0, u64::MAX, None).is_err(),
+            "overflow"
+        );
+    }
+}
