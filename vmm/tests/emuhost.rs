@@ -9,11 +9,16 @@ use rangevm_tests::{Console, DefaultGuest, EmuHost, MARKER};
 /// Boots the emulated host with rangevm and the default guest in `/payload` and runs
 /// `script` there.
 fn run_with_default_guest(guest: &DefaultGuest, script: &str) -> Console {
+    run_with_default_guest_within(guest, script, Duration::from_secs(300))
+}
+
+/// [`run_with_default_guest`] with a longer (or shorter) limit per emulated-host boot.
+fn run_with_default_guest_within(guest: &DefaultGuest, script: &str, limit: Duration) -> Console {
     let console = EmuHost::new()
         .with_file(env!("CARGO_BIN_EXE_rangevm"))
         .with_file(&guest.kernel)
         .with_file(&guest.initrd)
-        .run(script, Duration::from_secs(300))
+        .run(script, limit)
         .expect("boot the emulated host");
     eprintln!("emulated host ran {:.1} s", console.elapsed.as_secs_f64());
     console
@@ -181,4 +186,174 @@ cat /tmp/out | grep -E 'AVAIL-|FILLED'
         .unwrap_or_else(|| panic!("no stats:\n{out}"));
     assert!(stats.contains("\"available_memory\""), "{stats}");
     assert!(stats.contains("\"driver_active\": true"), "{stats}");
+}
+
+/// The text between the line `begin` and the line `end` (exclusive, without the line
+/// breaks around it), carriage returns removed.
+fn section<'a>(out: &'a str, begin: &str, end: &str) -> &'a str {
+    let start = out
+        .find(&format!("{begin}\n"))
+        .map(|i| i + begin.len() + 1)
+        .unwrap_or_else(|| panic!("no {begin}:\n{out}"));
+    let stop = out[start..]
+        .find(&format!("\n{end}"))
+        .map(|i| start + i)
+        .unwrap_or_else(|| panic!("no {end} after {begin}:\n{out}"));
+    &out[start..stop]
+}
+
+/// The numbers of the `tick-N` lines of `text` that end with a line break (a partial
+/// last line does not count).
+fn ticks(text: &str) -> Vec<u64> {
+    let whole = text.rsplit_once('\n').map_or("", |(lines, _)| lines);
+    whole
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("tick-")?.parse().ok())
+        .collect()
+}
+
+/// A real Linux guest that prints `tick-N` every half second migrates from one rangevm
+/// to another, both inside the same emulated host, with 1 and then 2 vCPUs: the
+/// destination's console goes on with the source's sequence (no gap, no restart, no
+/// second boot), `migrate send` reports `completed`, and both VMMs exit with status 0.
+#[test]
+fn a_linux_guest_migrates_inside_the_emulated_host_and_its_console_goes_on() {
+    let guest = DefaultGuest::build().expect("build the default guest");
+    let cmdline = format!(
+        "{} pci=off",
+        guest.cmdline_running("i=0; while true; do echo tick-$i; i=$((i+1)); sleep 0.5; done")
+    );
+    let cases = [1u32, 2];
+    // waitfor FILE PATTERN [COUNT]: at most 180 s until FILE has COUNT lines matching.
+    // stop PID: at most 60 s for PID to exit, then SIGKILL; prints nothing, sets $st.
+    let mut script = String::from(
+        r#"waitfor() { i=0; until [ "$(grep -c "$2" "$1" 2>/dev/null)" -ge "${3:-1}" ] || [ $i -gt 900 ]; do sleep 0.2; i=$((i+1)); done; }
+stop() { i=0; while kill -0 "$1" 2>/dev/null && [ $i -lt 300 ]; do sleep 0.2; i=$((i+1)); done; kill -0 "$1" 2>/dev/null && { echo "KILLED $1"; kill -9 "$1"; }; wait "$1"; st=$?; }
+show() { echo "$1-BEGIN"; cat "$2"; echo; echo "$1-END"; }
+"#,
+    );
+    for cpus in cases {
+        script.push_str(&format!(
+            r#"echo CASE-BEGIN cpus={cpus}
+rm -f /tmp/m.sock /tmp/src.out /tmp/dst.out /tmp/src.api /tmp/dst.api /tmp/src.err /tmp/dst.err
+rangevm run --log-level info --incoming unix:/tmp/m.sock --serial file:/tmp/dst.out \
+  --api-socket /tmp/dst.api </dev/null >/dev/null 2>/tmp/dst.err & dpid=$!
+rangevm run --log-level info --kernel vmlinuz --initrd initramfs.cpio.gz --memory 256M \
+  --cpus {cpus} --serial file:/tmp/src.out --api-socket /tmp/src.api \
+  --cmdline '{cmdline}' </dev/null >/dev/null 2>/tmp/src.err & spid=$!
+waitfor /tmp/src.out '^tick-' 4
+waitfor /tmp/dst.err 'waiting for an incoming migration'
+echo "SRC-TICKS-BEFORE=$(grep -c '^tick-' /tmp/src.out)"
+rangevm ctl --api-socket /tmp/src.api migrate send unix:/tmp/m.sock >/tmp/mig.out 2>/tmp/mig.err
+echo "MIGRATE-STATUS=$?"
+stop $spid; echo "SRC-STATUS=$st"
+n=$(grep -c '^tick-' /tmp/dst.out); waitfor /tmp/dst.out '^tick-' $((n + 4))
+rangevm ctl --api-socket /tmp/dst.api vm shutdown >/dev/null; echo "DST-SHUTDOWN=$?"
+stop $dpid; echo "DST-STATUS=$st"
+show MIG-OUT /tmp/mig.out; show MIG-ERR /tmp/mig.err
+show SRC-ERR /tmp/src.err; show DST-ERR /tmp/dst.err
+show SRC-OUT /tmp/src.out; show DST-OUT /tmp/dst.out
+echo CASE-END cpus={cpus}
+"#
+        ));
+    }
+    let console = run_with_default_guest_within(&guest, &script, Duration::from_secs(480));
+    let out = console.output.replace('\r', "");
+    for cpus in cases {
+        let case = section(&out, &format!("CASE-BEGIN cpus={cpus}"), "CASE-END");
+        let status = |key: &str| {
+            case.lines()
+                .find_map(|l| l.strip_prefix(key))
+                .map(str::trim)
+                .unwrap_or_else(|| panic!("no {key}, cpus={cpus}:\n{case}"))
+        };
+        let (mig_out, mig_err) = (
+            section(case, "MIG-OUT-BEGIN", "MIG-OUT-END"),
+            section(case, "MIG-ERR-BEGIN", "MIG-ERR-END"),
+        );
+        let (src_err, dst_err) = (
+            section(case, "SRC-ERR-BEGIN", "SRC-ERR-END"),
+            section(case, "DST-ERR-BEGIN", "DST-ERR-END"),
+        );
+        let (src_out, dst_out) = (
+            section(case, "SRC-OUT-BEGIN", "SRC-OUT-END"),
+            section(case, "DST-OUT-BEGIN", "DST-OUT-END"),
+        );
+        let logs = format!(
+            "cpus={cpus}\n--- migrate send stdout:\n{mig_out}\n--- migrate send stderr:\n{mig_err}\n\
+             --- source stderr:\n{src_err}\n--- destination stderr:\n{dst_err}\n\
+             --- source console:\n{src_out}\n--- destination console:\n{dst_out}"
+        );
+        assert_eq!(status("MIGRATE-STATUS="), "0", "migrate send\n{logs}");
+        let json: serde_json::Value = serde_json::from_str(mig_out)
+            .unwrap_or_else(|e| panic!("migrate send's JSON: {e}\n{logs}"));
+        assert_eq!(json["phase"], "completed", "{logs}");
+        eprintln!(
+            "cpus={cpus}: downtime_ms={} total_ms={} bytes_sent={} rounds={} pages_sent={} zero_pages={} converged={}",
+            json["downtime_ms"],
+            json["total_ms"],
+            json["bytes_sent"],
+            json["round"],
+            json["pages_sent"],
+            json["zero_pages"],
+            json["converged"]
+        );
+        assert_eq!(
+            status("SRC-STATUS="),
+            "0",
+            "the source's exit status\n{logs}"
+        );
+        assert!(
+            src_err.contains("the guest was migrated and runs on the destination"),
+            "{logs}"
+        );
+        assert!(dst_err.contains("the guest runs here"), "{logs}");
+        assert_eq!(status("DST-SHUTDOWN="), "0", "vm shutdown\n{logs}");
+        assert_eq!(
+            status("DST-STATUS="),
+            "0",
+            "the destination's exit status\n{logs}"
+        );
+        // The guest booted once, on the source.
+        assert_eq!(src_out.matches(MARKER).count(), 1, "{logs}");
+        assert!(
+            !dst_out.contains(MARKER),
+            "the destination rebooted\n{logs}"
+        );
+        assert!(
+            !dst_out.contains("Linux version"),
+            "the destination rebooted\n{logs}"
+        );
+        // The source's console may end in the middle of a line that the destination
+        // completes: the two together are one unbroken sequence from tick-0. (A line
+        // cut by the shutdown at the destination's end does not count.)
+        let src_whole = src_out.ends_with('\n');
+        let all = ticks(&format!("{src_out}{dst_out}"));
+        let expected: Vec<u64> = (0..all.len() as u64).collect();
+        assert_eq!(all, expected, "the ticks are not one sequence\n{logs}");
+        let on_src = ticks(src_out);
+        let dst_whole_lines = if src_whole {
+            dst_out
+        } else {
+            dst_out.split_once('\n').map_or("", |(_, rest)| rest)
+        };
+        let on_dst = ticks(dst_whole_lines);
+        assert!(on_src.len() >= 4, "too few ticks on the source\n{logs}");
+        assert!(
+            on_dst.len() >= 3,
+            "too few ticks on the destination\n{logs}"
+        );
+        let split = all.len() - on_src.len() - on_dst.len();
+        eprintln!(
+            "cpus={cpus}: source ticks 0..={}, destination ticks {}..={}{}",
+            on_src.last().unwrap(),
+            on_dst[0],
+            on_dst.last().unwrap(),
+            if split > 0 {
+                " (one line begun on the source and completed on the destination)"
+            } else {
+                ""
+            }
+        );
+    }
 }
