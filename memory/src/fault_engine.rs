@@ -201,7 +201,10 @@ impl FaultEngine {
         let page = ram.page_size();
         let regions = ram.regions();
         let (Some(first), Some(last)) = (regions.first(), regions.last()) else {
-            return Ok((vec![Arc::new(Userfaultfd::new()?)], std::iter::once(0..0).collect()));
+            return Ok((
+                vec![Arc::new(Userfaultfd::new()?)],
+                std::iter::once(0..0).collect(),
+            ));
         };
         let (lo, hi) = (first.start, last.end());
         let pages = (hi - lo) / page;

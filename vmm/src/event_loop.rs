@@ -276,10 +276,10 @@ pub fn run(
     signals: Signals,
     stdin_to_serial: bool,
     api: Option<ApiSocket>,
+    mut migrations: Migrations,
 ) -> Result<Outcome, EventLoopError> {
     let mut manager: EventManager<Subscriber> =
         EventManager::new().map_err(EventLoopError::Epoll)?;
-    let mut migrations = Migrations::new().map_err(EventLoopError::EventFd)?;
     let control = Arc::new(Mutex::new(Control {
         signals,
         requests: Arc::clone(machine.requests()),
@@ -332,11 +332,16 @@ pub fn run(
             .map(|mut p| p.drain(..).collect())
             .unwrap_or_default();
         for call in migrations.calls().drain() {
-            if call.request == MachineRequest::Migrated {
+            let end = match &call.request {
+                MachineRequest::Migrated => Some(Outcome::Migrated),
+                MachineRequest::Fail(why) => Some(Outcome::Failed(why.clone())),
+                _ => None,
+            };
+            if let Some(end) = end {
                 let mut control = control
                     .lock()
                     .unwrap_or_else(std::sync::PoisonError::into_inner);
-                control.outcome.get_or_insert(Outcome::Migrated);
+                control.outcome.get_or_insert(end);
             }
             let _ = call.reply.send(control::execute(machine, call.request));
         }

@@ -167,6 +167,8 @@ pub struct IncomingConfig {
     pub serial_out: Box<dyn Write + Send>,
     /// Where the guest comes from, for `vm info`.
     pub source: String,
+    /// Postcopy: guest RAM starts missing and is served by userfaultfd.
+    pub postcopy: bool,
 }
 
 impl std::fmt::Debug for IncomingConfig {
@@ -340,8 +342,13 @@ impl IncomingMachine {
     /// Builds an empty machine of the source's shape.
     pub fn new(cfg: IncomingConfig) -> Result<Self, MachineError> {
         let cpus = check_shape(cfg.memory, cfg.cpus)?;
-        let ram = GuestRam::new(cfg.mem_lock, &layout::ram_regions(cfg.memory))
-            .map_err(MachineError::Memory)?;
+        let regions = layout::ram_regions(cfg.memory);
+        let ram = if cfg.postcopy {
+            GuestRam::new_missing(cfg.mem_lock, &regions)
+        } else {
+            GuestRam::new(cfg.mem_lock, &regions)
+        }
+        .map_err(MachineError::Memory)?;
         let parts = build(
             ram,
             cfg.memory,

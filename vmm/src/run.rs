@@ -15,8 +15,10 @@ use crate::cli::parse_size;
 use crate::event_loop::{self, EventLoopError, Outcome, Signals};
 use crate::machine::{Machine, MachineConfig, MachineError};
 use crate::migration::destination::{self, DestinationError, IncomingOptions};
+use crate::migration::slot::Migrations;
 use crate::migration::transport::MigrationAddr;
 use rangevm_devices::GuestRequest;
+use std::sync::Arc;
 
 /// Guest memory when `--memory` is not given.
 pub const DEFAULT_MEMORY: u64 = 512 << 20;
@@ -56,6 +58,9 @@ pub enum RunError {
     /// `--incoming`: receiving the migration failed.
     #[error("Incoming migration failed")]
     Incoming(#[source] DestinationError),
+    /// The migration request channel could not be created.
+    #[error("Cannot create the migration request channel")]
+    Channel(#[source] std::io::Error),
     /// Neither --kernel nor --incoming.
     #[error("Give --kernel PATH, or --incoming ADDR to receive a migration")]
     NoKernel,
@@ -220,6 +225,7 @@ pub fn run(args: RunArgs) -> Result<ExitCode, RunError> {
         }
         SerialTarget::Null => Box::new(std::io::sink()),
     };
+    let mut migrations = Migrations::new().map_err(RunError::Channel)?;
     let mut machine = if let Some(addr) = args.incoming {
         let received = destination::receive(
             IncomingOptions {
@@ -228,6 +234,7 @@ pub fn run(args: RunArgs) -> Result<ExitCode, RunError> {
                 cpus: args.cpus,
                 mem_lock: args.mem_lock,
                 serial_out,
+                ctl: migrations.ctl(),
             },
             &signals,
         );
@@ -237,13 +244,22 @@ pub fn run(args: RunArgs) -> Result<ExitCode, RunError> {
                     .verified
                     .map(|n| format!(", all {n} pages verified"))
                     .unwrap_or_default();
-                eprintln!(
-                    "rangevm: migration from {} received ({:.1} MiB, {} round(s), {:.0} ms{verified}); the guest runs here",
-                    r.source,
-                    r.bytes as f64 / f64::from(1 << 20),
-                    r.rounds,
-                    r.elapsed.as_secs_f64() * 1e3
-                );
+                if let Some(shared) = r.postcopy {
+                    eprintln!(
+                        "rangevm: postcopy migration from {}: the guest runs here after {:.0} ms; its memory follows",
+                        r.source,
+                        r.elapsed.as_secs_f64() * 1e3
+                    );
+                    migrations.set_incoming(shared, Arc::clone(r.machine.ram()));
+                } else {
+                    eprintln!(
+                        "rangevm: migration from {} received ({:.1} MiB, {} round(s), {:.0} ms{verified}); the guest runs here",
+                        r.source,
+                        r.bytes as f64 / f64::from(1 << 20),
+                        r.rounds,
+                        r.elapsed.as_secs_f64() * 1e3
+                    );
+                }
                 r.machine
             }
             Err(DestinationError::Signal(signo)) => {
@@ -269,7 +285,7 @@ pub fn run(args: RunArgs) -> Result<ExitCode, RunError> {
     };
     let stdin_to_serial = args.serial == SerialTarget::Stdio;
     let terminal = stdin_to_serial.then(RawTerminal::enter);
-    let outcome = event_loop::run(&mut machine, signals, stdin_to_serial, api);
+    let outcome = event_loop::run(&mut machine, signals, stdin_to_serial, api, migrations);
     machine.stop();
     drop(terminal);
     let code = match outcome? {

@@ -83,6 +83,15 @@ pub enum MigrateAction {
         /// side while the guest is paused.
         #[arg(long)]
         verify: bool,
+        /// Postcopy: pause here at once, start the guest on the destination with its
+        /// memory served by userfaultfd, answer the pages it faults on first (on a
+        /// second connection) and push the rest in the background. The downtime is
+        /// only the vCPU and device state; the guest runs slower until its memory has
+        /// arrived. After the switch the guest lives on the destination: if the link
+        /// drops, it cannot go on (recovery is not implemented yet). With --verify,
+        /// every page is checked against the source's CRC32C as it arrives.
+        #[arg(long)]
+        postcopy: bool,
     },
     /// Phase, round, bytes sent, dirty rate, bandwidth, expected and actual downtime.
     Status,
@@ -158,6 +167,7 @@ impl Ctl {
                     max_rounds,
                     detach,
                     verify,
+                    postcopy,
                 } => (
                     "migrate.send",
                     json!({
@@ -166,6 +176,7 @@ impl Ctl {
                         "max_rounds": max_rounds,
                         "watch": !detach,
                         "verify": verify,
+                        "postcopy": postcopy,
                     }),
                 ),
                 MigrateAction::Status => ("migrate.status", serde_json::Value::Null),

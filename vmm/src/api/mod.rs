@@ -14,7 +14,7 @@
 //! Commands: `vm.info`, `vm.pause`, `vm.resume`, `vm.shutdown`, `dirty.start`,
 //! `dirty.harvest`, `dirty.stop`, `balloon.set` (`args.bytes`), `balloon.stats`,
 //! `migrate.send` (`args.url`, optional `downtime_ms`, `max_rounds`, `watch`,
-//! `verify`),
+//! `verify`, `postcopy`),
 //! `migrate.status`, `migrate.cancel`. With `watch: true`, `migrate.send` keeps the
 //! connection open after its answer and writes one JSON status line every ~200 ms
 //! until the migration ends (the one exception to one answer per connection). A
@@ -130,6 +130,8 @@ pub struct MigrateArgs {
     pub watch: bool,
     /// Have the destination check every page's CRC32C at switch-over.
     pub verify: bool,
+    /// Postcopy: switch over at once and send memory while the guest runs there.
+    pub postcopy: bool,
 }
 
 /// The most rounds `migrate.send` accepts as a limit.
@@ -198,12 +200,17 @@ fn migrate_args(args: &serde_json::Value) -> Result<MigrateArgs, String> {
         .get("verify")
         .and_then(serde_json::Value::as_bool)
         .unwrap_or(false);
+    let postcopy = args
+        .get("postcopy")
+        .and_then(serde_json::Value::as_bool)
+        .unwrap_or(false);
     Ok(MigrateArgs {
         url: url.to_string(),
         downtime_ms,
         max_rounds,
         watch,
         verify,
+        postcopy,
     })
 }
 
@@ -264,6 +271,7 @@ mod tests {
                 max_rounds: 30,
                 watch: false,
                 verify: false,
+                postcopy: false,
             }))
         );
         for (bad, says) in [

@@ -10,7 +10,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use crate::machine::{Machine, MachineState};
 
 /// What a migration asks of the machine.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum MachineRequest {
     /// Turn KVM's dirty logging on (and clear the dirty set).
     StartDirtyLog,
@@ -24,6 +24,9 @@ pub enum MachineRequest {
     Resume,
     /// The guest runs on the destination: end this VMM.
     Migrated,
+    /// Postcopy on the destination failed: the guest cannot go on; end with this
+    /// sentence.
+    Fail(String),
 }
 
 /// The machine's answer.
@@ -85,7 +88,10 @@ impl MachineCtl {
     pub fn call(&self, request: MachineRequest, timeout: Duration) -> Result<MachineReply, String> {
         let (tx, rx) = channel();
         self.calls
-            .send(Call { request, reply: tx })
+            .send(Call {
+                request: request.clone(),
+                reply: tx,
+            })
             .map_err(|_| "The VM has stopped".to_string())?;
         let _ = self.wake.write(1);
         match rx.recv_timeout(timeout) {
@@ -148,6 +154,6 @@ pub fn execute(machine: &mut Machine, request: MachineRequest) -> MachineReply {
             Ok(()) => MachineReply::Done,
             Err(e) => failed(&e),
         },
-        MachineRequest::Migrated => MachineReply::Done,
+        MachineRequest::Migrated | MachineRequest::Fail(_) => MachineReply::Done,
     }
 }

@@ -10,9 +10,11 @@ use std::time::{Duration, Instant};
 
 use rangevm_memory::{GuestRamError, LockMode};
 
+use super::control::{MachineCtl, MachineRequest};
+use super::postcopy_dest::{run_background, run_demand_reader, DemandClient, Digests, Shared};
 use super::protocol::{
-    AckKind, Arch, Crc32c, Decoder, Encoder, Header, Message, MessageType, PageData, ProtocolError,
-    Region, SwitchMode, FEATURE_VERIFY,
+    AckKind, Arch, Channel, Crc32c, Decoder, Encoder, Header, Message, MessageType, PageData,
+    ProtocolError, Region, SwitchMode, FEATURE_DEMAND_CHANNEL, FEATURE_POSTCOPY, FEATURE_VERIFY,
 };
 use super::transport::{Listener, MigrationAddr, Stream, TransportError};
 use crate::arch::layout;
@@ -20,6 +22,8 @@ use crate::event_loop::Signals;
 use crate::machine::{
     IncomingConfig, IncomingMachine, Machine, MachineError, MachineState, RestoreError,
 };
+use rangevm_memory::FaultEngine;
+use std::sync::Arc;
 
 /// How long the source may stay silent in the middle of a migration.
 const IDLE_LIMIT: Duration = Duration::from_secs(60);
@@ -53,6 +57,9 @@ pub enum DestinationError {
     /// A page could not be written.
     #[error("Cannot write a received page")]
     Memory(#[from] GuestRamError),
+    /// The postcopy demand channel could not be set up.
+    #[error("Cannot set up postcopy: {0}")]
+    Demand(String),
     /// `--verify`: the pages received differ from the source's.
     #[error("Verification failed: {0}")]
     Verify(String),
@@ -79,6 +86,9 @@ pub struct IncomingOptions {
     pub mem_lock: LockMode,
     /// Where the guest's console goes.
     pub serial_out: Box<dyn Write + Send>,
+    /// How a postcopy migration tells the event loop it failed (the guest cannot go
+    /// on without its source).
+    pub ctl: MachineCtl,
 }
 
 impl std::fmt::Debug for IncomingOptions {
@@ -104,6 +114,8 @@ pub struct Received {
     pub rounds: u32,
     /// Pages whose CRC32C matched the source's at switch-over (`--verify`), if checked.
     pub verified: Option<u64>,
+    /// Postcopy: the figures of the pages still arriving.
+    pub postcopy: Option<Arc<Shared>>,
     /// From the header to the guest running.
     pub elapsed: Duration,
 }
@@ -167,7 +179,25 @@ fn signal_of(e: &ProtocolError) -> Option<i32> {
 
 /// Waits for a readable listener or a signal.
 fn wait_for_connection(listener: &Listener, signals: &Signals) -> Result<(), DestinationError> {
+    wait_for_connection_within(listener, signals, None).map(|_| ())
+}
+
+/// Waits at most `limit` (`None`: forever) for a readable listener or a signal; false
+/// when the time is up.
+fn wait_for_connection_within(
+    listener: &Listener,
+    signals: &Signals,
+    limit: Option<Duration>,
+) -> Result<bool, DestinationError> {
+    let start = Instant::now();
     loop {
+        let timeout = match limit {
+            None => -1,
+            Some(l) => match l.checked_sub(start.elapsed()) {
+                Some(left) => i32::try_from(left.as_millis()).unwrap_or(i32::MAX).max(1),
+                None => return Ok(false),
+            },
+        };
         let mut fds = [
             libc::pollfd {
                 fd: listener.as_raw_fd(),
@@ -182,7 +212,7 @@ fn wait_for_connection(listener: &Listener, signals: &Signals) -> Result<(), Des
         ];
         // SAFETY: `fds` is a local array of two initialized pollfd structs, and its
         // length is passed with it; both descriptors stay open for the call.
-        let n = unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) };
+        let n = unsafe { libc::poll(fds.as_mut_ptr(), 2, timeout) };
         if n < 0 {
             let e = io::Error::last_os_error();
             if e.kind() == io::ErrorKind::Interrupted {
@@ -196,7 +226,7 @@ fn wait_for_connection(listener: &Listener, signals: &Signals) -> Result<(), Des
             }
         }
         if fds[0].revents != 0 {
-            return Ok(());
+            return Ok(true);
         }
     }
 }
@@ -261,11 +291,13 @@ pub fn receive(opts: IncomingOptions, signals: &Signals) -> Result<Received, Des
         cpus,
         mem_lock,
         serial_out,
+        ctl,
     } = opts;
     let shape = Shape {
         memory,
         cpus,
         mem_lock,
+        ctl,
     };
     let listener = Listener::bind(&addr)?;
     eprintln!(
@@ -278,7 +310,7 @@ pub fn receive(opts: IncomingOptions, signals: &Signals) -> Result<Received, Des
         let stream = listener.accept()?;
         let peer = stream.peer();
         log::info!("Incoming migration connection from {peer}");
-        match receive_one(&shape, stream, &peer, signals, &mut serial_out) {
+        match receive_one(&shape, &listener, stream, &peer, signals, &mut serial_out) {
             Err(DestinationError::Protocol {
                 source: ProtocolError::Closed,
                 ..
@@ -295,10 +327,66 @@ struct Shape {
     memory: Option<u64>,
     cpus: Option<u32>,
     mem_lock: LockMode,
+    ctl: MachineCtl,
+}
+
+/// How long the source may take to open the demand connection.
+const DEMAND_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Accepts the postcopy demand connection: a header with the main one's session id on
+/// channel 1, answered with `Ack(Accepted)`.
+fn accept_demand(
+    listener: &Listener,
+    signals: &Signals,
+    main: &Header,
+) -> Result<Stream, DestinationError> {
+    let demand = |why: String| DestinationError::Demand(why);
+    if !wait_for_connection_within(listener, signals, Some(DEMAND_CONNECT_TIMEOUT))? {
+        return Err(demand(format!(
+            "the source did not open the demand connection within {} s",
+            DEMAND_CONNECT_TIMEOUT.as_secs()
+        )));
+    }
+    let stream = listener.accept()?;
+    stream
+        .set_timeouts(Some(Duration::from_secs(10)), Some(Duration::from_secs(30)))
+        .map_err(|e| DestinationError::Transport(TransportError::Socket(e)))?;
+    let mut dec =
+        Decoder::new(BufReader::new(stream.try_clone().map_err(|e| {
+            DestinationError::Transport(TransportError::Socket(e))
+        })?));
+    let mut enc = Encoder::new(
+        stream
+            .try_clone()
+            .map_err(|e| DestinationError::Transport(TransportError::Socket(e)))?,
+    );
+    match dec.recv_expecting(&[MessageType::Header]) {
+        Ok(Message::Header(h))
+            if h.channel == Channel::Demand && h.session_id == main.session_id =>
+        {
+            enc.send(&Message::Ack(AckKind::Accepted))
+                .and_then(|()| enc.flush())
+                .map_err(|e| demand(super::chain(&e)))?;
+            stream
+                .set_timeouts(None, Some(Duration::from_secs(30)))
+                .map_err(|e| DestinationError::Transport(TransportError::Socket(e)))?;
+            Ok(stream)
+        }
+        Ok(_) => {
+            let _ = enc.send(&Message::error(
+                "expected the demand channel of the migration under way",
+            ));
+            Err(demand(
+                "the second connection is not this migration's demand channel".into(),
+            ))
+        }
+        Err(e) => Err(demand(super::chain(&e))),
+    }
 }
 
 fn receive_one(
     opts: &Shape,
+    listener: &Listener,
     stream: Stream,
     peer: &str,
     signals: &Signals,
@@ -349,9 +437,22 @@ fn receive_one(
         .iter()
         .map(|&(gpa, size)| Region { gpa, size })
         .collect();
-    let local = Header::new(arch, page_shift, cpus, local_regions, FEATURE_VERIFY);
+    let local = Header::new(
+        arch,
+        page_shift,
+        cpus,
+        local_regions,
+        FEATURE_VERIFY | FEATURE_POSTCOPY | FEATURE_DEMAND_CHANNEL,
+    );
     if let Err(e) = header.check_compatible(&local) {
         return Err(refuse(&mut enc, DestinationError::Incompatible(e)));
+    }
+    let postcopy = header.features & FEATURE_POSTCOPY != 0;
+    if postcopy && header.features & FEATURE_DEMAND_CHANNEL == 0 {
+        return Err(refuse(
+            &mut enc,
+            DestinationError::Demand("postcopy needs the demand channel feature".into()),
+        ));
     }
     let Some(serial) = serial_out.take() else {
         return Err(DestinationError::Arch);
@@ -362,6 +463,7 @@ fn receive_one(
         mem_lock: opts.mem_lock,
         serial_out: serial,
         source: peer.to_string(),
+        postcopy,
     }) {
         Ok(m) => m,
         Err(e) => return Err(refuse(&mut enc, e.into())),
@@ -372,8 +474,28 @@ fn receive_one(
         "rangevm: accepted a migration from {peer}: {} MiB, {cpus} vCPU(s); receiving",
         memory >> 20
     );
+    // Postcopy: the demand connection, and the fault engine that asks it for the
+    // pages vCPUs touch (nothing touches guest memory before the guest starts).
+    let mut pc = if postcopy {
+        let demand = match accept_demand(listener, signals, &header) {
+            Ok(d) => d,
+            Err(e) => return Err(refuse(&mut enc, e)),
+        };
+        match Postcopy::start(&incoming, demand, header.page_shift) {
+            Ok(p) => Some(p),
+            Err(e) => return Err(refuse(&mut enc, e)),
+        }
+    } else {
+        None
+    };
     let mut state = MachineState::default();
-    let result = receive_body(&mut dec, &mut incoming, &header, &mut state);
+    let result = receive_body(
+        &mut dec,
+        &mut incoming,
+        &header,
+        &mut state,
+        pc.as_mut().and_then(|p| p.digests.as_mut()),
+    );
     let (rounds, verified) = match result {
         Ok(r) => r,
         Err(e) => {
@@ -392,6 +514,7 @@ fn receive_one(
     if let Err(e) = incoming.restore(&state) {
         return Err(refuse(&mut enc, e.into()));
     }
+    let shared = pc.as_mut().map(Postcopy::seal);
     let machine = match incoming.start() {
         Ok(m) => m,
         Err(e) => return Err(refuse(&mut enc, e.into())),
@@ -403,14 +526,141 @@ fn receive_one(
     {
         log::warn!("Cannot tell the source the guest runs here ({e}); it runs here anyway");
     }
+    if let (Some(pc), Some(shared)) = (pc, shared.clone()) {
+        let reader = dec.into_inner();
+        if !reader.buffer().is_empty() {
+            log::warn!("Postcopy: the source sent data before the guest ran; it is dropped");
+        }
+        let stream = reader.into_inner().stream;
+        pc.spawn_background(stream, enc, Arc::clone(&shared), opts.ctl.clone())?;
+        return Ok(Received {
+            machine,
+            source: peer.to_string(),
+            bytes: 0,
+            rounds,
+            verified,
+            postcopy: Some(shared),
+            elapsed: started.elapsed(),
+        });
+    }
     Ok(Received {
         machine,
         source: peer.to_string(),
         bytes: dec.bytes_read(),
         rounds,
         verified,
+        postcopy: None,
         elapsed: started.elapsed(),
     })
+}
+
+/// The postcopy machinery of a destination, from the demand connection to the
+/// background receiver.
+struct Postcopy {
+    engine: Option<FaultEngine>,
+    client: Arc<DemandClient>,
+    digests: Option<Digests>,
+    ram: Arc<rangevm_memory::GuestRam>,
+    shared: Option<Arc<Shared>>,
+    page_shift: u8,
+}
+
+impl Postcopy {
+    /// Starts the demand reader and the fault engine over `incoming`'s RAM.
+    fn start(
+        incoming: &IncomingMachine,
+        demand: Stream,
+        page_shift: u8,
+    ) -> Result<Self, DestinationError> {
+        let ram = Arc::clone(incoming.ram());
+        // The shared figures exist before the digests are known; they are attached at
+        // `seal` (digest checks only start once pages flow, after the guest starts).
+        let placeholder = Arc::new(Shared::new(ram.page_size(), None));
+        let writer = demand
+            .try_clone()
+            .map_err(|e| DestinationError::Transport(TransportError::Socket(e)))?;
+        let client = Arc::new(DemandClient::new(writer, page_shift, placeholder));
+        let engine = FaultEngine::start(
+            Arc::clone(&ram),
+            Arc::clone(&client) as Arc<dyn rangevm_memory::PageSource>,
+            rangevm_memory::FaultEngineConfig::default(),
+        )
+        .map_err(|e| DestinationError::Demand(super::chain(&e)))?;
+        let reader_client = Arc::clone(&client);
+        let mut dec = Decoder::new(BufReader::new(demand));
+        dec.expect_page_shift(page_shift);
+        std::thread::Builder::new()
+            .name("postcopy-demand".into())
+            .spawn(move || run_demand_reader(dec, reader_client))
+            .map_err(|e| DestinationError::Demand(format!("cannot start a thread: {e}")))?;
+        Ok(Postcopy {
+            engine: Some(engine),
+            digests: Some(Digests::new(&ram)),
+            client,
+            ram,
+            shared: None,
+            page_shift,
+        })
+    }
+
+    /// The switch-over state is in: fixes the digests (if the source sent any) and
+    /// returns the figures shared with the demand client and `migrate status`.
+    fn seal(&mut self) -> Arc<Shared> {
+        let digests = self.digests.take().filter(Digests::any);
+        let shared = Arc::new(Shared::new(self.ram.page_size(), digests));
+        self.client.set_shared(Arc::clone(&shared));
+        self.shared = Some(Arc::clone(&shared));
+        shared
+    }
+
+    /// Receives the background stream on its own thread until every page is here.
+    fn spawn_background(
+        mut self,
+        stream: Stream,
+        mut enc: Encoder<BufWriter<Stream>>,
+        shared: Arc<Shared>,
+        ctl: MachineCtl,
+    ) -> Result<(), DestinationError> {
+        let Some(engine) = self.engine.take() else {
+            return Err(DestinationError::Demand("the fault engine is gone".into()));
+        };
+        stream
+            .set_timeouts(Some(Duration::from_secs(60)), Some(Duration::from_secs(30)))
+            .map_err(|e| DestinationError::Transport(TransportError::Socket(e)))?;
+        let ram = Arc::clone(&self.ram);
+        let page_shift = self.page_shift;
+        std::thread::Builder::new()
+            .name("postcopy-pages".into())
+            .spawn(move || {
+                let mut dec = Decoder::new(BufReader::with_capacity(1 << 20, stream));
+                dec.expect_page_shift(page_shift);
+                match run_background(&mut dec, &mut enc, engine, &ram, &shared) {
+                    Ok(()) => {
+                        let s = shared.status(&ram);
+                        eprintln!(
+                            "rangevm: postcopy complete in {:.0} ms: {} pages on demand (p50 {:.0} µs, p99 {:.0} µs), {} in the background{}",
+                            s.total_ms,
+                            s.demand_pages,
+                            s.demand_p50_us,
+                            s.demand_p99_us,
+                            s.background_pages,
+                            if s.verified_pages > 0 {
+                                format!(", {} pages verified", s.verified_pages)
+                            } else {
+                                String::new()
+                            }
+                        );
+                    }
+                    Err(why) => {
+                        let why = format!("{why} (the guest cannot go on without its source)");
+                        shared.fail(why.clone());
+                        let _ = ctl.call(MachineRequest::Fail(why), Duration::from_secs(5));
+                    }
+                }
+            })
+            .map_err(|e| DestinationError::Demand(format!("cannot start a thread: {e}")))?;
+        Ok(())
+    }
 }
 
 /// Whether `len` bytes from `gpa` lie inside one region.
@@ -442,6 +692,7 @@ fn receive_body(
     incoming: &mut IncomingMachine,
     header: &Header,
     state: &mut MachineState,
+    mut postcopy_digests: Option<&mut Digests>,
 ) -> Result<(u32, Option<u64>), DestinationError> {
     let proto = |source| DestinationError::Protocol {
         peer: String::from("the source"),
@@ -458,6 +709,7 @@ fn receive_body(
     let verify = header.features & FEATURE_VERIFY != 0;
     let (mut checked, mut differ, mut first_bad) = (0u64, 0u64, None);
     let mut page_buf = vec![0u8; usize::try_from(page).unwrap_or(0)];
+    let mut postcopy_mode = false;
     loop {
         let allowed: &[MessageType] = if switched {
             &[
@@ -510,6 +762,10 @@ fn receive_body(
                 );
             }
             Message::SwitchOver(SwitchMode::Precopy) => switched = true,
+            Message::SwitchOver(SwitchMode::Postcopy) if postcopy_digests.is_some() => {
+                switched = true;
+                postcopy_mode = true;
+            }
             Message::SwitchOver(SwitchMode::Postcopy) => {
                 return Err(proto(ProtocolError::Malformed {
                     message: "SwitchOver",
@@ -530,6 +786,19 @@ fn receive_body(
                 }
             }
             Message::DeviceState { id, blob } => state.devices.push((id, blob)),
+            Message::PageDigests(d) if verify && postcopy_mode => {
+                if let Some(digests) = postcopy_digests.as_deref_mut() {
+                    for (k, &crc) in d.digests.iter().enumerate() {
+                        if !digests.set(d.gpa + k as u64 * page, crc) {
+                            return Err(DestinationError::Verify(format!(
+                                "a digest for {:#x}, which is not guest RAM",
+                                d.gpa + k as u64 * page
+                            )));
+                        }
+                    }
+                    checked += d.digests.len() as u64;
+                }
+            }
             Message::PageDigests(d) if verify => {
                 for (k, want) in d.digests.iter().enumerate() {
                     let gpa = d.gpa + k as u64 * page;
@@ -549,6 +818,11 @@ fn receive_body(
                 }))
             }
         }
+    }
+    if postcopy_mode {
+        // The digests are checked as the pages arrive, after the guest starts.
+        take_vcpus(vcpus, state)?;
+        return Ok((rounds, verify.then_some(0)));
     }
     if !verify {
         take_vcpus(vcpus, state)?;

@@ -14,6 +14,10 @@
 pub mod control;
 #[cfg(target_arch = "x86_64")]
 pub mod destination;
+#[cfg(target_arch = "x86_64")]
+pub mod postcopy_dest;
+#[cfg(target_arch = "x86_64")]
+pub mod postcopy_source;
 pub mod protocol;
 #[cfg(target_arch = "x86_64")]
 pub mod slot;

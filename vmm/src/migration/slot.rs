@@ -8,6 +8,7 @@ use std::time::Duration;
 use serde_json::json;
 
 use super::control::{machine_channel, MachineCalls, MachineCtl};
+use super::postcopy_dest::Shared;
 use super::source::{self, Outgoing, SourceOptions};
 use super::status::MigrationStatus;
 use super::transport::MigrationAddr;
@@ -20,6 +21,7 @@ pub struct Migrations {
     ctl: MachineCtl,
     calls: MachineCalls,
     outgoing: Option<Outgoing>,
+    incoming: Option<(Arc<Shared>, Arc<rangevm_memory::GuestRam>)>,
 }
 
 impl Migrations {
@@ -30,7 +32,18 @@ impl Migrations {
             ctl,
             calls,
             outgoing: None,
+            incoming: None,
         })
+    }
+
+    /// The end a migration thread asks the machine through.
+    pub fn ctl(&self) -> MachineCtl {
+        self.ctl.clone()
+    }
+
+    /// This VM arrives by postcopy: `migrate status` reports its figures.
+    pub fn set_incoming(&mut self, shared: Arc<Shared>, ram: Arc<rangevm_memory::GuestRam>) {
+        self.incoming = Some((shared, ram));
     }
 
     /// The requests a migration thread makes of the machine.
@@ -68,6 +81,7 @@ impl Migrations {
             downtime_target: Duration::from_millis(args.downtime_ms),
             max_rounds: args.max_rounds,
             verify: args.verify,
+            postcopy: args.postcopy,
         };
         match source::start(
             opts,
@@ -92,10 +106,20 @@ impl Migrations {
 
     /// `migrate.status`.
     pub fn status(&self) -> Response {
-        let status = self
+        let mut status = self
             .outgoing
             .as_ref()
             .map_or_else(MigrationStatus::idle, |o| o.status.get());
+        if let (None, Some((shared, ram))) = (&self.outgoing, &self.incoming) {
+            let pc = shared.status(ram);
+            status.phase = match pc.phase.as_str() {
+                "running" => super::status::Phase::Postcopy,
+                "completed" => super::status::Phase::Completed,
+                _ => super::status::Phase::Failed,
+            };
+            status.error.clone_from(&pc.error);
+            status.postcopy = Some(pc);
+        }
         Response::ok(json!(status))
     }
 

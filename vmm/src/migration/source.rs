@@ -15,9 +15,11 @@ use std::time::{Duration, Instant};
 use rangevm_memory::{GuestRam, GuestRamError};
 
 use super::control::{MachineCtl, MachineReply, MachineRequest};
+use super::postcopy_source::{self, SentMap};
 use super::protocol::{
-    max_run_pages, AckKind, Arch, Crc32c, Decoder, Encoder, Header, Message, MessageType,
-    PageDigests, PageRun, ProtocolError, Region, Round, SwitchMode, FEATURE_VERIFY, MAX_DIGESTS,
+    max_run_pages, AckKind, Arch, Channel, Crc32c, Decoder, Encoder, Header, Message, MessageType,
+    PageDigests, PageRun, ProtocolError, Region, Round, SwitchMode, FEATURE_DEMAND_CHANNEL,
+    FEATURE_POSTCOPY, FEATURE_VERIFY, MAX_DIGESTS,
 };
 use super::status::{MigrationStatus, Phase, SharedStatus};
 use super::transport::{MigrationAddr, Stream, TransportError};
@@ -77,6 +79,9 @@ pub struct SourceOptions {
     pub max_rounds: u32,
     /// Send a CRC32C of every page at switch-over for the destination to check.
     pub verify: bool,
+    /// Postcopy: switch over at once; the destination runs the guest and fetches its
+    /// memory on demand while the rest is pushed.
+    pub postcopy: bool,
 }
 
 /// A running or finished outgoing migration.
@@ -169,6 +174,8 @@ enum End {
     RefusedAfterComplete(String),
     /// No answer after `Complete`: the destination's state is unknown.
     Unknown(String),
+    /// Postcopy lost its link after the guest started on the destination.
+    PostcopyLost(String),
 }
 
 type Enc = Encoder<BufWriter<TimedWriter>>;
@@ -219,6 +226,19 @@ impl Sender {
                 log::info!("{}", st.line());
                 self.write_watch(true);
                 let _ = self.ctl.call(MachineRequest::Migrated, MACHINE_TIMEOUT);
+            }
+            Ok(End::PostcopyLost(why)) => {
+                let msg = format!(
+                    "Postcopy lost the destination ({why}). The guest runs there but cannot get \
+                     the pages it still needs; this side keeps the only full copy of its memory, \
+                     paused (postcopy recovery, migrate resume, is not implemented yet)"
+                );
+                log::error!("{msg}");
+                self.status.update(|s| {
+                    s.phase = Phase::Unknown;
+                    s.error = Some(msg);
+                });
+                self.write_watch(true);
             }
             Ok(End::RefusedAfterComplete(why)) => {
                 self.recover();
@@ -316,7 +336,10 @@ impl Sender {
                 size: r.size,
             })
             .collect();
-        let features = if self.opts.verify { FEATURE_VERIFY } else { 0 };
+        let mut features = if self.opts.verify { FEATURE_VERIFY } else { 0 };
+        if self.opts.postcopy {
+            features |= FEATURE_POSTCOPY | FEATURE_DEMAND_CHANNEL;
+        }
         let mut header = Header::new(arch, page_shift, self.cpus, regions, features);
         header.session_id = session_id();
         Ok(header)
@@ -340,6 +363,7 @@ impl Sender {
         ));
         let mut dec: Dec = Decoder::new(BufReader::new(reader));
         dec.expect_page_shift(page_shift);
+        let header_copy = header.clone();
         enc.send(&Message::Header(header))?;
         enc.flush()?;
         match dec.recv_expecting(&[MessageType::Ack])? {
@@ -347,6 +371,9 @@ impl Sender {
             other => return Err(SourceError::Refused(format!("{other:?}"))),
         }
         log::info!("The destination {} accepted the migration", self.opts.addr);
+        if self.opts.postcopy {
+            return self.run_postcopy(enc, dec, header_copy);
+        }
 
         self.machine(MachineRequest::StartDirtyLog, "start dirty logging")?;
         self.dirty_log = true;
@@ -482,6 +509,122 @@ impl Sender {
             Ok(other) => Ok(End::Unknown(format!("it answered {other:?}"))),
             Err(ProtocolError::Peer(why)) => Ok(End::RefusedAfterComplete(why)),
             Err(e) => Ok(End::Unknown(super::chain(&e))),
+        }
+    }
+
+    /// Postcopy from the start: the demand connection, switch-over at once, then the
+    /// destination runs the guest while this side serves its page requests and pushes
+    /// the rest.
+    fn run_postcopy(
+        &mut self,
+        mut enc: Enc,
+        mut dec: Dec,
+        header: Header,
+    ) -> Result<End, SourceError> {
+        let page_shift = header.page_shift;
+        let demand = Stream::connect(&self.opts.addr, CONNECT_TIMEOUT)?;
+        demand
+            .set_timeouts(Some(CONNECT_TIMEOUT), Some(WRITE_TIMEOUT))
+            .map_err(SourceError::Socket)?;
+        let demand_writer = demand.try_clone().map_err(SourceError::Socket)?;
+        let mut demand_header = header;
+        demand_header.channel = Channel::Demand;
+        let mut denc = Encoder::new(BufWriter::new(demand_writer));
+        denc.send(&Message::Header(demand_header))?;
+        denc.flush()?;
+        let mut ddec = Decoder::new(BufReader::new(
+            demand.try_clone().map_err(SourceError::Socket)?,
+        ));
+        ddec.expect_page_shift(page_shift);
+        match ddec.recv_expecting(&[MessageType::Ack])? {
+            Message::Ack(AckKind::Accepted) => {}
+            other => {
+                return Err(SourceError::Refused(format!(
+                    "{other:?} on the demand channel"
+                )))
+            }
+        }
+        self.check_cancel()?;
+
+        let paused_at = Instant::now();
+        self.status.update(|s| s.phase = Phase::SwitchOver);
+        let state = match self.machine(MachineRequest::PauseAndSave, "pause and save its state")? {
+            MachineReply::Saved { state, .. } => {
+                self.paused = true;
+                state
+            }
+            _ => {
+                return Err(SourceError::Machine {
+                    what: "pause and save its state",
+                    why: "unexpected answer".into(),
+                })
+            }
+        };
+        enc.send(&Message::SwitchOver(SwitchMode::Postcopy))?;
+        if self.opts.verify {
+            self.send_digests(&mut enc, page_shift)?;
+        }
+        send_state(&mut enc, &state)?;
+        enc.send(&Message::Complete)?;
+        enc.flush()?;
+        dec.get_mut()
+            .get_ref()
+            .set_timeouts(Some(RUNNING_TIMEOUT), Some(WRITE_TIMEOUT))
+            .map_err(SourceError::Socket)?;
+        match dec.recv_expecting(&[MessageType::Ack]) {
+            Ok(Message::Ack(AckKind::Running)) => {}
+            Ok(other) => return Ok(End::Unknown(format!("it answered {other:?}"))),
+            Err(ProtocolError::Peer(why)) => return Ok(End::RefusedAfterComplete(why)),
+            Err(e) => return Ok(End::Unknown(super::chain(&e))),
+        }
+        // The guest runs on the destination: this side can never resume it.
+        let downtime = paused_at.elapsed().as_secs_f64() * 1e3;
+        self.status.update(|s| {
+            s.phase = Phase::Postcopy;
+            s.downtime_ms = Some(downtime);
+            s.postcopy = Some(super::status::PostcopyStatus {
+                phase: "running".into(),
+                ..Default::default()
+            });
+        });
+        self.write_watch(true);
+        let sent = Arc::new(SentMap::new(&self.ram));
+        demand
+            .set_timeouts(None, Some(WRITE_TIMEOUT))
+            .map_err(SourceError::Socket)?;
+        postcopy_source::spawn_demand(
+            ddec,
+            denc.into_inner(),
+            Arc::clone(&self.ram),
+            Arc::clone(&sent),
+            self.status.clone(),
+        )
+        .map_err(SourceError::Socket)?;
+        if let Err(e) = postcopy_source::push_background(&mut enc, &self.ram, &sent, &self.status) {
+            return Ok(End::PostcopyLost(super::chain(&e)));
+        }
+        dec.get_mut()
+            .get_ref()
+            .set_timeouts(
+                Some(postcopy_source::ALL_RECEIVED_TIMEOUT),
+                Some(WRITE_TIMEOUT),
+            )
+            .map_err(SourceError::Socket)?;
+        match dec.recv_expecting(&[MessageType::Ack]) {
+            Ok(Message::Ack(AckKind::AllPagesReceived)) => {
+                let total = self.status.elapsed_ms();
+                self.status.update(|s| {
+                    s.total_ms = total;
+                    if let Some(p) = &mut s.postcopy {
+                        p.phase = "completed".into();
+                    }
+                });
+                Ok(End::Running)
+            }
+            Ok(other) => Ok(End::PostcopyLost(format!(
+                "the destination answered {other:?}"
+            ))),
+            Err(e) => Ok(End::PostcopyLost(super::chain(&e))),
         }
     }
 

@@ -17,6 +17,9 @@ pub enum Phase {
     Precopy,
     /// vCPUs paused; the last pages and the state are on their way.
     SwitchOver,
+    /// Postcopy: the guest runs on the destination, which fetches the pages it
+    /// touches from here while the rest is pushed in the background.
+    Postcopy,
     /// The guest runs on the destination; this source stops.
     Completed,
     /// The migration failed; the guest runs here as before (see `error`).
@@ -71,6 +74,9 @@ pub struct MigrationStatus {
     pub converged: bool,
     /// Why it failed.
     pub error: Option<String>,
+    /// Postcopy figures, once postcopy started.
+    #[serde(default)]
+    pub postcopy: Option<PostcopyStatus>,
 }
 
 impl MigrationStatus {
@@ -97,6 +103,7 @@ impl MigrationStatus {
             total_ms: 0.0,
             converged: false,
             error: None,
+            postcopy: None,
         }
     }
 
@@ -137,6 +144,18 @@ impl MigrationStatus {
                 "{bar} switch-over: last {} pages and the vCPU and device state",
                 self.round_pages
             ),
+            Phase::Completed if self.postcopy.is_some() => {
+                let p = self.postcopy.clone().unwrap_or_default();
+                format!(
+                    "Postcopy migration completed in {:.0} ms: downtime {:.1} ms, {} pages sent \
+                     on demand and {} in the background, {:.1} MiB sent",
+                    self.total_ms,
+                    self.downtime_ms.unwrap_or(0.0),
+                    p.demand_pages,
+                    p.background_pages,
+                    mib(self.bytes_sent)
+                )
+            }
             Phase::Completed => format!(
                 "Migration completed in {:.0} ms: downtime {:.1} ms (target {} ms), {} \
                  round(s){}, {:.1} MiB sent ({} pages with contents, {} zero of which {} \
@@ -155,6 +174,17 @@ impl MigrationStatus {
                 self.zero_pages,
                 self.ballooned_pages
             ),
+            Phase::Postcopy => {
+                let (demand, background) = self
+                    .postcopy
+                    .as_ref()
+                    .map_or((0, 0), |p| (p.demand_pages, p.background_pages));
+                format!(
+                    "{bar} {pct:3}% postcopy: the guest runs on the destination; {demand} pages \
+                     sent on demand, {background} in the background, {:.1} MiB sent",
+                    mib(self.bytes_sent)
+                )
+            }
             Phase::Failed => format!(
                 "Migration failed; the guest keeps running here: {}",
                 self.error.as_deref().unwrap_or("unknown cause")
@@ -166,6 +196,40 @@ impl MigrationStatus {
             Phase::None => "No migration".into(),
         }
     }
+}
+
+/// What postcopy has done so far: on the destination all of it, on the source the
+/// pages it served.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct PostcopyStatus {
+    /// "running" (pages still arriving), "completed", or "failed".
+    pub phase: String,
+    /// Pages fetched because a vCPU (or the VMM) touched them.
+    pub demand_pages: u64,
+    /// Pages placed from the background stream.
+    pub background_pages: u64,
+    /// Background pages dropped because they were already there or discarded.
+    pub background_skipped: u64,
+    /// Demand-fetch latency (request to response), µs.
+    pub demand_p50_us: f64,
+    /// The same, 99th percentile.
+    pub demand_p99_us: f64,
+    /// The same, the largest.
+    pub demand_max_us: f64,
+    /// Sum of every demand fetch's latency: the time vCPUs spent blocked on missing
+    /// pages, ms.
+    pub vcpu_blocked_ms: f64,
+    /// Pages still missing.
+    pub missing_pages: u64,
+    /// Pages whose CRC32C matched the source's switch-over digest when they arrived
+    /// (`--verify`).
+    pub verified_pages: u64,
+    /// Pages that did not match (any is fatal).
+    pub digest_mismatches: u64,
+    /// From the guest starting here to the last page, ms.
+    pub total_ms: f64,
+    /// Why it failed.
+    pub error: Option<String>,
 }
 
 /// The status, shared between the migration thread and the control API.

@@ -1,0 +1,416 @@
+//! The destination's side of postcopy: the guest runs while its memory arrives.
+//!
+//! Guest RAM is userfaultfd-served ([`rangevm_memory::GuestRam::new_missing`]) and a
+//! [`FaultEngine`] resolves vCPU faults with a [`DemandClient`]: each missing page a
+//! vCPU touches is asked of the source on the demand connection and copied in under
+//! the page's write lock by the handler that caught the fault, so faults on different
+//! pages resolve in parallel on several handler threads. The main connection brings
+//! the rest in the background ([`run_background`]), placed under each run's write lock:
+//! a page already there (fetched on demand, or written by the guest since) is kept,
+//! and one the balloon discarded is dropped, so a late copy never resurrects it. Two
+//! connections, because a demand response must not wait behind 4 MiB background frames
+//! (QEMU's postcopy-preempt does the same), and because the thread that reads responses
+//! must never block on a page lock a waiting handler holds.
+
+use std::collections::HashMap;
+use std::io::{self, BufReader, BufWriter, Read};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc::{sync_channel, SyncSender};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use hdrhistogram::Histogram;
+use rangevm_memory::{FaultEngine, GuestRam, PageContent, PageSource, Placed};
+
+use super::protocol::{
+    AckKind, Crc32c, Decoder, Encoder, Message, MessageType, PageData, PageRequest, ProtocolError,
+};
+use super::status::PostcopyStatus;
+use super::transport::Stream;
+
+/// How long a vCPU's page may take to arrive before its handler gives up on it.
+const DEMAND_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long the destination waits for demand responses still in flight after the
+/// source says every page is sent.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The source's CRC32C of every page at switch-over (`--verify`), by page index.
+#[derive(Debug)]
+pub struct Digests {
+    regions: Vec<(u64, u64, usize)>,
+    crcs: Vec<u32>,
+    page_shift: u32,
+}
+
+impl Digests {
+    /// Room for every page of `ram`, all unknown (0).
+    pub fn new(ram: &GuestRam) -> Self {
+        let shift = ram.page_size().trailing_zeros();
+        let mut regions = Vec::new();
+        let mut index = 0usize;
+        for r in ram.regions() {
+            regions.push((r.start, r.end(), index));
+            index += usize::try_from(r.size >> shift).unwrap_or(0);
+        }
+        Digests {
+            regions,
+            crcs: vec![0; index],
+            page_shift: shift,
+        }
+    }
+
+    fn index(&self, gpa: u64) -> Option<usize> {
+        self.regions
+            .iter()
+            .find(|(s, e, _)| *s <= gpa && gpa < *e)
+            .and_then(|(s, _, i)| {
+                usize::try_from((gpa - s) >> self.page_shift)
+                    .ok()
+                    .map(|o| i + o)
+            })
+    }
+
+    /// Records the digest of the page at `gpa`; false if it is not guest RAM.
+    pub fn set(&mut self, gpa: u64, crc: u32) -> bool {
+        match self.index(gpa).and_then(|i| self.crcs.get_mut(i)) {
+            Some(c) => {
+                *c = crc;
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Whether any digest was recorded.
+    pub fn any(&self) -> bool {
+        self.crcs.iter().any(|&c| c != 0)
+    }
+
+    fn matches(&self, gpa: u64, page: &[u8]) -> bool {
+        self.index(gpa)
+            .and_then(|i| self.crcs.get(i))
+            .is_some_and(|&c| c == Crc32c::of(page))
+    }
+}
+
+/// Shared by the demand client, the background receiver and `migrate status`.
+#[derive(Debug)]
+pub struct Shared {
+    status: Mutex<PostcopyStatus>,
+    latency: Mutex<Option<Histogram<u64>>>,
+    digests: Option<Digests>,
+    zero_page: Vec<u8>,
+    started: Instant,
+    failed: AtomicBool,
+}
+
+impl Shared {
+    /// Fresh counters; `digests` when the source sent them.
+    pub fn new(page_size: u64, digests: Option<Digests>) -> Self {
+        Shared {
+            status: Mutex::new(PostcopyStatus {
+                phase: "running".into(),
+                ..Default::default()
+            }),
+            latency: Mutex::new(Histogram::new_with_bounds(1, 3_600_000_000, 3).ok()),
+            digests,
+            zero_page: vec![0; usize::try_from(page_size).unwrap_or(0)],
+            started: Instant::now(),
+            failed: AtomicBool::new(false),
+        }
+    }
+
+    fn update(&self, f: impl FnOnce(&mut PostcopyStatus)) {
+        let mut s = self
+            .status
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        f(&mut s);
+    }
+
+    /// A copy of the status with the latency percentiles filled in.
+    pub fn status(&self, ram: &GuestRam) -> PostcopyStatus {
+        let mut s = self
+            .status
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone();
+        if let Ok(Some(h)) = self.latency.lock().as_deref() {
+            if !h.is_empty() {
+                s.demand_p50_us = h.value_at_quantile(0.5) as f64;
+                s.demand_p99_us = h.value_at_quantile(0.99) as f64;
+                s.demand_max_us = h.max() as f64;
+            }
+        }
+        if s.phase == "running" {
+            s.missing_pages = ram.missing_pages();
+            s.total_ms = self.started.elapsed().as_secs_f64() * 1e3;
+        }
+        s
+    }
+
+    /// Checks received pages against the source's digests: every page received is
+    /// compared (a mismatch means the stream or the source is wrong, whichever page it
+    /// lands on), and `filled` of them, those actually placed, count as verified.
+    fn verify(&self, gpa: u64, page_size: usize, data: Option<&[u8]>, count: u64, filled: u64) {
+        let Some(d) = &self.digests else { return };
+        let mut bad = 0u64;
+        for k in 0..count {
+            let at = gpa + k * page_size as u64;
+            let page = match data {
+                Some(bytes) => {
+                    let off = usize::try_from(k)
+                        .unwrap_or(usize::MAX)
+                        .saturating_mul(page_size);
+                    bytes.get(off..off.saturating_add(page_size)).unwrap_or(&[])
+                }
+                None => &self.zero_page,
+            };
+            if !d.matches(at, page) {
+                bad += 1;
+            }
+        }
+        if bad > 0 {
+            log::error!("Postcopy: {bad} page(s) from {gpa:#x} do not match the source's digests");
+        }
+        self.update(|s| {
+            s.verified_pages += if bad == 0 { filled } else { 0 };
+            s.digest_mismatches += bad;
+        });
+    }
+
+    /// Marks postcopy failed with `why` (the first failure wins).
+    pub fn fail(&self, why: String) {
+        if !self.failed.swap(true, Ordering::AcqRel) {
+            log::error!("Postcopy failed: {why}");
+            self.update(|s| {
+                s.phase = "failed".into();
+                s.error = Some(why);
+            });
+        }
+    }
+}
+
+type DemandEnc = Encoder<BufWriter<Stream>>;
+
+/// Asks the source for pages vCPUs fault on; a [`PageSource`] for the fault engine.
+pub struct DemandClient {
+    enc: Mutex<DemandEnc>,
+    waiters: Mutex<HashMap<u64, SyncSender<Result<PageData, String>>>>,
+    next_id: AtomicU64,
+    page_shift: u8,
+    shared: arc_swap::ArcSwap<Shared>,
+}
+
+impl std::fmt::Debug for DemandClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DemandClient")
+            .field("page_shift", &self.page_shift)
+            .finish_non_exhaustive()
+    }
+}
+
+impl DemandClient {
+    /// A client that writes requests to `writer`.
+    pub fn new(writer: Stream, page_shift: u8, shared: Arc<Shared>) -> Self {
+        DemandClient {
+            enc: Mutex::new(Encoder::new(BufWriter::new(writer))),
+            waiters: Mutex::new(HashMap::new()),
+            next_id: AtomicU64::new(1),
+            page_shift,
+            shared: arc_swap::ArcSwap::new(shared),
+        }
+    }
+
+    /// Replaces the figures it records into (once the switch-over state is in).
+    pub fn set_shared(&self, shared: Arc<Shared>) {
+        self.shared.store(shared);
+    }
+
+    fn deliver(&self, id: u64, data: Result<PageData, String>) {
+        let waiter = self
+            .waiters
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .remove(&id);
+        match waiter {
+            Some(w) => {
+                let _ = w.send(data);
+            }
+            None => log::warn!("Postcopy: a response for request {id}, which nobody waits for"),
+        }
+    }
+
+    /// Fails every waiting request (the link is gone).
+    fn fail_all(&self, why: &str) {
+        let waiters: Vec<_> = self
+            .waiters
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .drain()
+            .collect();
+        for (_, w) in waiters {
+            let _ = w.send(Err(why.to_string()));
+        }
+    }
+}
+
+impl PageSource for DemandClient {
+    fn read_page(&self, gpa: u64, buf: &mut [u8]) -> io::Result<PageContent> {
+        let shared = self.shared.load_full();
+        if shared.failed.load(Ordering::Acquire) {
+            return Err(io::Error::other("the postcopy link to the source is gone"));
+        }
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = sync_channel(1);
+        self.waiters
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .insert(id, tx);
+        let start = Instant::now();
+        {
+            let mut enc = self
+                .enc
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            let sent = enc
+                .send(&Message::PageRequest(PageRequest {
+                    request_id: id,
+                    gpa,
+                    page_shift: self.page_shift,
+                    count: 1,
+                }))
+                .and_then(|()| enc.flush());
+            if let Err(e) = sent {
+                drop(enc);
+                self.deliver(id, Err(e.to_string()));
+            }
+        }
+        let answer = rx
+            .recv_timeout(DEMAND_TIMEOUT)
+            .map_err(|_| io::Error::other("the source did not send a requested page in time"))?
+            .map_err(io::Error::other)?;
+        let us = u64::try_from(start.elapsed().as_micros())
+            .unwrap_or(u64::MAX)
+            .max(1);
+        if let Ok(Some(h)) = shared.latency.lock().as_deref_mut() {
+            let _ = h.record(us);
+        }
+        let content = match answer {
+            PageData::Bytes(bytes) if bytes.len() == buf.len() => {
+                buf.copy_from_slice(&bytes);
+                shared.verify(gpa, buf.len(), Some(buf), 1, 1);
+                PageContent::Data
+            }
+            PageData::Bytes(bytes) => {
+                return Err(io::Error::other(format!(
+                    "the source answered {} bytes for a page of {}",
+                    bytes.len(),
+                    buf.len()
+                )))
+            }
+            PageData::Zero => {
+                shared.verify(gpa, buf.len(), None, 1, 1);
+                PageContent::Zero
+            }
+        };
+        shared.update(|s| {
+            s.demand_pages += 1;
+            s.vcpu_blocked_ms += us as f64 / 1e3;
+        });
+        Ok(content)
+    }
+}
+
+/// Reads demand responses until the link ends; hands each to the handler waiting.
+pub fn run_demand_reader<R: Read>(mut dec: Decoder<BufReader<R>>, client: Arc<DemandClient>) {
+    loop {
+        match dec.recv_expecting(&[MessageType::PageResponse]) {
+            Ok(Message::PageResponse { request_id, run }) => {
+                client.deliver(request_id, Ok(run.data));
+            }
+            Ok(_) => {}
+            Err(e) => {
+                let why = super::chain(&e);
+                client.fail_all(&why);
+                if !matches!(e, ProtocolError::Closed) {
+                    client
+                        .shared
+                        .load()
+                        .fail(format!("The demand link to the source failed: {why}"));
+                }
+                return;
+            }
+        }
+    }
+}
+
+/// Places the background stream until `PostcopyDone`, waits for demand fetches still
+/// in flight, acknowledges, and finishes the fault engine (guest RAM is ordinary from
+/// then on). Returns an error sentence if the link fails first: the guest cannot go on
+/// without its source.
+pub fn run_background<R: Read>(
+    dec: &mut Decoder<R>,
+    enc: &mut Encoder<BufWriter<Stream>>,
+    engine: FaultEngine,
+    ram: &GuestRam,
+    shared: &Shared,
+) -> Result<(), String> {
+    let page = usize::try_from(ram.page_size()).unwrap_or(4096);
+    loop {
+        let msg = dec
+            .recv_expecting(&[MessageType::Pages, MessageType::PostcopyDone])
+            .map_err(|e| {
+                format!(
+                    "The postcopy link to the source failed: {}",
+                    super::chain(&e)
+                )
+            })?;
+        match msg {
+            Message::Pages(run) => {
+                let data = match &run.data {
+                    PageData::Bytes(b) => Some(b.as_slice()),
+                    PageData::Zero => None,
+                };
+                let placed: Placed = engine
+                    .place(run.gpa, u64::from(run.count), data)
+                    .map_err(|e| format!("Cannot place received pages: {}", super::chain(&e)))?;
+                shared.verify(run.gpa, page, data, u64::from(run.count), placed.filled());
+                shared.update(|s| {
+                    s.background_pages += placed.filled();
+                    s.background_skipped += placed.kept + placed.dropped;
+                });
+            }
+            Message::PostcopyDone => break,
+            _ => {}
+        }
+    }
+    let start = Instant::now();
+    while ram.missing_pages() > 0 {
+        if start.elapsed() > DRAIN_TIMEOUT || shared.failed.load(Ordering::Acquire) {
+            return Err(format!(
+                "The source said every page was sent, but {} are still missing",
+                ram.missing_pages()
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let mismatches = shared.status(ram).digest_mismatches;
+    let stats = engine.finish();
+    log::info!("Postcopy: all pages received; fault engine {stats:?}");
+    if mismatches > 0 {
+        return Err(format!(
+            "{mismatches} received page(s) differ from the source's switch-over contents"
+        ));
+    }
+    let total = shared.started.elapsed().as_secs_f64() * 1e3;
+    shared.update(|s| {
+        s.phase = "completed".into();
+        s.missing_pages = 0;
+        s.total_ms = total;
+    });
+    enc.send(&Message::Ack(AckKind::AllPagesReceived))
+        .and_then(|()| enc.flush())
+        .map_err(|e| format!("Cannot tell the source every page arrived: {e}"))?;
+    Ok(())
+}

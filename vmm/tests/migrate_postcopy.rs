@@ -1,0 +1,412 @@
+//! Postcopy live migration between two `rangevm` processes on this machine's KVM, with
+//! the tiny counter guest: the destination runs the guest at once, its memory served
+//! by userfaultfd, fetching the pages the guest touches from the source while the rest
+//! arrives in the background; every page that arrives is checked against the source's
+//! CRC32C at switch-over (`--verify`). And the failure the guest cannot survive: the
+//! source dies mid-postcopy, and the destination ends with a clear error, not a hang.
+
+#![cfg(target_arch = "x86_64")]
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use rangevm_tests::tiny::{check_consecutive, parse_counter_lines, Mode, TinyGuest};
+
+const MIB: u64 = 1 << 20;
+const PRINT_EVERY: u64 = 16;
+/// No child of these tests lives longer than this.
+const CHILD_DEADLINE: Duration = Duration::from_secs(240);
+/// No `rangevm ctl` call takes longer than this.
+const CTL_DEADLINE: Duration = Duration::from_secs(120);
+
+/// A folder of its own for one test, removed when dropped.
+struct Scratch(PathBuf);
+
+impl Scratch {
+    fn new(test: &str) -> Self {
+        let dir = std::env::temp_dir().join(format!("rangevm-migf-{}-{test}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        Scratch(dir)
+    }
+    fn path(&self, name: &str) -> PathBuf {
+        self.0.join(name)
+    }
+    fn s(&self, name: &str) -> String {
+        self.path(name).to_str().unwrap().to_string()
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        if std::env::var_os("RANGEVM_KEEP_SCRATCH").is_none() {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+}
+
+/// A child killed when dropped, or by a watchdog once [`CHILD_DEADLINE`] has passed.
+struct Proc {
+    child: Arc<Mutex<Option<Child>>>,
+    stderr_path: PathBuf,
+    name: String,
+}
+
+impl Proc {
+    /// `rangevm ARGS`.
+    fn spawn(args: &[&str], stderr: &Path) -> Self {
+        Self::spawn_program(env!("CARGO_BIN_EXE_rangevm"), args, stderr)
+    }
+
+    fn spawn_program(program: &str, args: &[&str], stderr: &Path) -> Self {
+        let err = std::fs::File::create(stderr).unwrap();
+        let child = Command::new(program)
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(err)
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {program} {args:?}: {e}"));
+        let child = Arc::new(Mutex::new(Some(child)));
+        let watched = Arc::downgrade(&child);
+        let name = format!("{program} {}", args.join(" "));
+        let what = name.clone();
+        std::thread::spawn(move || {
+            let start = Instant::now();
+            while start.elapsed() < CHILD_DEADLINE {
+                std::thread::sleep(Duration::from_millis(200));
+                if watched.strong_count() == 0 {
+                    return;
+                }
+            }
+            if let Some(child) = watched.upgrade() {
+                if let Some(c) = child.lock().unwrap().as_mut() {
+                    eprintln!("watchdog: killing `{what}` after {CHILD_DEADLINE:?}");
+                    let _ = c.kill();
+                }
+            }
+        });
+        Proc {
+            child,
+            stderr_path: stderr.to_path_buf(),
+            name,
+        }
+    }
+
+    fn stderr(&self) -> String {
+        std::fs::read_to_string(&self.stderr_path).unwrap_or_default()
+    }
+
+    /// Waits at most `limit` for the exit status (-1 for a signal).
+    fn wait(&mut self, limit: Duration) -> Option<i32> {
+        let start = Instant::now();
+        loop {
+            {
+                let mut guard = self.child.lock().unwrap();
+                let child = guard.as_mut()?;
+                if let Some(status) = child.try_wait().unwrap() {
+                    *guard = None;
+                    return Some(status.code().unwrap_or(-1));
+                }
+            }
+            if start.elapsed() >= limit {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Waits at most `limit`; panics with a message if it is still running.
+    fn exit_code(&mut self, limit: Duration, what: &str) -> i32 {
+        match self.wait(limit) {
+            Some(code) => code,
+            None => panic!(
+                "{what}: `{}` still runs after {limit:?}; its stderr:\n{}",
+                self.name,
+                self.stderr()
+            ),
+        }
+    }
+
+    fn alive(&mut self) -> bool {
+        self.child
+            .lock()
+            .unwrap()
+            .as_mut()
+            .is_some_and(|c| c.try_wait().unwrap().is_none())
+    }
+
+    /// SIGKILL, and reap.
+    fn kill(&mut self) {
+        if let Some(mut c) = self.child.lock().unwrap().take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Runs `program ARGS` to the end, at most `limit`, collecting its output.
+fn run_with_deadline(program: &str, args: &[&str], limit: Duration) -> Output {
+    let mut child = Command::new(program)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot start {program} {args:?}: {e}"));
+    let mut out = child.stdout.take().unwrap();
+    let mut err = child.stderr.take().unwrap();
+    let t_out = std::thread::spawn(move || {
+        let mut v = Vec::new();
+        let _ = out.read_to_end(&mut v);
+        v
+    });
+    let t_err = std::thread::spawn(move || {
+        let mut v = Vec::new();
+        let _ = err.read_to_end(&mut v);
+        v
+    });
+    let start = Instant::now();
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if start.elapsed() > limit {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!(
+                "`{program} {}` did not end within {limit:?}",
+                args.join(" ")
+            );
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    Output {
+        status,
+        stdout: t_out.join().unwrap(),
+        stderr: t_err.join().unwrap(),
+    }
+}
+
+fn ctl(socket: &str, args: &[&str]) -> Output {
+    let mut all = vec!["ctl", "--api-socket", socket];
+    all.extend_from_slice(args);
+    run_with_deadline(env!("CARGO_BIN_EXE_rangevm"), &all, CTL_DEADLINE)
+}
+
+fn text(out: &Output) -> String {
+    format!(
+        "exit {:?}\nstdout: {}\nstderr: {}",
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+/// `ctl ... ARGS` whose stdout is JSON.
+fn ctl_json(socket: &str, args: &[&str]) -> serde_json::Value {
+    let out = ctl(socket, args);
+    assert!(out.status.success(), "ctl {args:?} failed: {}", text(&out));
+    serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("ctl {args:?} printed no JSON ({e}): {}", text(&out)))
+}
+
+fn status(socket: &str) -> serde_json::Value {
+    ctl_json(socket, &["migrate", "status"])
+}
+
+fn phase(st: &serde_json::Value) -> &str {
+    st["phase"].as_str().unwrap_or("")
+}
+
+fn read(path: &Path) -> String {
+    let mut s = String::new();
+    if let Ok(mut f) = std::fs::File::open(path) {
+        let _ = f.read_to_string(&mut s);
+    }
+    s
+}
+
+/// Waits until `f` holds, at most `limit`.
+fn wait_for(limit: Duration, what: &str, mut f: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !f() {
+        assert!(
+            start.elapsed() < limit,
+            "timed out after {limit:?} waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn lines(path: &Path) -> usize {
+    parse_counter_lines(&read(path))
+        .map(|v| v.len())
+        .unwrap_or(0)
+}
+
+/// `rangevm run` of a counter guest with a serial log and an API socket.
+fn spawn_source(dir: &Scratch, kernel: &str, memory: &str, log: &Path, api: &str) -> Proc {
+    Proc::spawn(
+        &[
+            "run",
+            "--kernel",
+            kernel,
+            "--memory",
+            memory,
+            "--serial",
+            &format!("file:{}", log.display()),
+            "--api-socket",
+            api,
+        ],
+        &dir.path("src.err"),
+    )
+}
+
+/// `rangevm run --incoming ADDR`, waiting until it listens.
+fn spawn_destination(dir: &Scratch, tag: &str, addr: &str, log: &Path, api: &str) -> Proc {
+    let mut dst = Proc::spawn(
+        &[
+            "run",
+            "--incoming",
+            addr,
+            "--serial",
+            &format!("file:{}", log.display()),
+            "--api-socket",
+            api,
+        ],
+        &dir.path(&format!("{tag}.err")),
+    );
+    wait_for(Duration::from_secs(20), "the destination to listen", || {
+        assert!(dst.alive(), "the destination exited: {}", dst.stderr());
+        dst.stderr().contains("waiting for an incoming migration")
+    });
+    dst
+}
+
+fn counter_guest(scratch: &Scratch, pages: u64) -> String {
+    let guest = TinyGuest::new(Mode::Long).counter(16 * MIB, pages, 4096, PRINT_EVERY);
+    let path = scratch.path(&format!("counter{pages}.elf"));
+    guest.write_to(&path).unwrap();
+    path.to_str().unwrap().to_string()
+}
+
+#[test]
+fn a_counter_guest_migrates_in_postcopy_and_every_page_arrives_as_the_source_had_it() {
+    let dir = Scratch::new("postcopy");
+    let kernel = counter_guest(&dir, 2048);
+    let (src_log, dst_log) = (dir.path("src.console"), dir.path("dst.console"));
+    let (src_api, dst_api) = (dir.s("src.api"), dir.s("dst.api"));
+    let mig = format!("unix:{}", dir.s("mig.sock"));
+    let mut dst = spawn_destination(&dir, "dst", &mig, &dst_log, &dst_api);
+    let mut src = spawn_source(&dir, &kernel, "256M", &src_log, &src_api);
+    wait_for(Duration::from_secs(30), "the source guest to print", || {
+        lines(&src_log) >= 3
+    });
+    let out = ctl(
+        &src_api,
+        &["migrate", "send", "--postcopy", "--verify", &mig],
+    );
+    let stdout = text(&out);
+    assert!(
+        out.status.success(),
+        "{stdout}\nsource: {}\ndestination: {}",
+        src.stderr(),
+        dst.stderr()
+    );
+    let status: serde_json::Value = serde_json::from_str(&String::from_utf8_lossy(&out.stdout))
+        .unwrap_or_else(|e| panic!("{e}: {stdout}"));
+    assert_eq!(status["phase"], "completed", "{stdout}");
+    assert_eq!(
+        src.wait(Duration::from_secs(20)),
+        Some(0),
+        "{}",
+        src.stderr()
+    );
+    let at_switch = read(&src_log);
+    // The destination's figures: every page arrived (on demand or in the background),
+    // each checked against the source's CRC32C at switch-over.
+    let st = ctl_json(&dst_api, &["migrate", "status"]);
+    let pc = &st["postcopy"];
+    assert_eq!(pc["phase"], "completed", "{st}");
+    assert_eq!(pc["missing_pages"], 0, "{st}");
+    assert_eq!(pc["digest_mismatches"], 0, "{st}");
+    let pages = 256 * MIB / 4096;
+    let demand = pc["demand_pages"].as_u64().unwrap();
+    let background = pc["background_pages"].as_u64().unwrap();
+    assert_eq!(demand + background, pages, "{st}");
+    assert!(
+        demand > 0,
+        "the guest touched pages before they were pushed: {st}"
+    );
+    assert_eq!(pc["verified_pages"].as_u64().unwrap(), pages, "{st}");
+    assert!(pc["demand_p50_us"].as_f64().unwrap() > 0.0, "{st}");
+    wait_for(
+        Duration::from_secs(30),
+        "the destination guest to print",
+        || lines(&dst_log) >= 3,
+    );
+    let out = ctl(&dst_api, &["vm", "shutdown"]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(
+        dst.wait(Duration::from_secs(20)),
+        Some(0),
+        "{}",
+        dst.stderr()
+    );
+    let all = parse_counter_lines(&format!("{at_switch}{}", read(&dst_log))).unwrap();
+    check_consecutive(&all, PRINT_EVERY).unwrap();
+    assert!(
+        dst.stderr().contains("postcopy complete"),
+        "{}",
+        dst.stderr()
+    );
+    eprintln!("{}\n{st}", dst.stderr());
+}
+
+#[test]
+fn when_the_source_dies_mid_postcopy_the_destination_ends_with_a_clear_error() {
+    let dir = Scratch::new("postcopy-kill");
+    // 2 GiB to push: the background stream takes seconds, long enough to cut.
+    let kernel = counter_guest(&dir, 4096);
+    let (src_log, dst_log) = (dir.path("src.console"), dir.path("dst.console"));
+    let (src_api, dst_api) = (dir.s("src.api"), dir.s("dst.api"));
+    let mig = format!("unix:{}", dir.s("mig.sock"));
+    let mut dst = spawn_destination(&dir, "dst", &mig, &dst_log, &dst_api);
+    let mut src = spawn_source(&dir, &kernel, "2G", &src_log, &src_api);
+    wait_for(Duration::from_secs(30), "the source guest to print", || {
+        lines(&src_log) >= 2
+    });
+    let out = ctl(
+        &src_api,
+        &["migrate", "send", "--postcopy", "--detach", &mig],
+    );
+    assert!(out.status.success(), "{}", text(&out));
+    wait_for(Duration::from_secs(30), "postcopy to start", || {
+        let st = status(&src_api);
+        assert_ne!(phase(&st), "failed", "{st}");
+        phase(&st) == "postcopy"
+    });
+    let st = ctl_json(&dst_api, &["migrate", "status"]);
+    assert_eq!(phase(&st), "postcopy", "{st}");
+    src.kill();
+    // The guest needs pages only the source had: the destination must say so and end,
+    // not leave the guest hanging.
+    let code = dst.exit_code(
+        Duration::from_secs(30),
+        "the destination after its source died",
+    );
+    let err = dst.stderr();
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("cannot go on without its source"), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+}
