@@ -174,6 +174,35 @@ impl GuestRam {
         out
     }
 
+    /// The balloon's invariant, checked: how many pages the balloon holds, and how many
+    /// of them do not read as zero (a discarded page that came back with old content
+    /// would be one). Pages still missing (postcopy) are zero on touch and count as
+    /// zero without being touched.
+    pub fn check_ballooned(&self) -> Result<(u64, u64)> {
+        let map = self.map.load();
+        let page = self.page_size;
+        let mut buf = vec![0u8; usize_of(page)];
+        let (mut ballooned, mut nonzero) = (0u64, 0u64);
+        for r in &map.regions {
+            let pages = usize_of(r.size / page);
+            for p in 0..pages {
+                if !r.states.is_ballooned(p) {
+                    continue;
+                }
+                ballooned += 1;
+                if !r.states.is_present(p) {
+                    continue;
+                }
+                let gpa = r.start + p as u64 * page;
+                self.read(gpa, &mut buf)?;
+                if buf.iter().any(|&b| b != 0) {
+                    nonzero += 1;
+                }
+            }
+        }
+        Ok((ballooned, nonzero))
+    }
+
     /// The end of postcopy: nothing more comes from the source. Every page still
     /// missing was discarded by the balloon and reads as zero once the userfaultfds
     /// are closed, so every page is marked present (the balloon keeps its claim) and

@@ -134,6 +134,9 @@ pub enum BalloonAction {
     },
     /// The guest's memory statistics, as its balloon driver reports them.
     Stats,
+    /// Checks the balloon's invariant: every host page it holds reads as zero (none
+    /// came back with old content). Prints the pages held and the nonzero ones.
+    Check,
 }
 
 impl Ctl {
@@ -159,6 +162,7 @@ impl Ctl {
             Ctl::Balloon { action } => match action {
                 BalloonAction::Set { size } => ("balloon.set", json!({ "bytes": size })),
                 BalloonAction::Stats => ("balloon.stats", serde_json::Value::Null),
+                BalloonAction::Check => ("balloon.check", serde_json::Value::Null),
             },
             Ctl::Migrate { action } => match action {
                 MigrateAction::Send {

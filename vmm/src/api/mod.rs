@@ -12,7 +12,7 @@
 //! ```
 //!
 //! Commands: `vm.info`, `vm.pause`, `vm.resume`, `vm.shutdown`, `dirty.start`,
-//! `dirty.harvest`, `dirty.stop`, `balloon.set` (`args.bytes`), `balloon.stats`,
+//! `dirty.harvest`, `dirty.stop`, `balloon.set` (`args.bytes`), `balloon.stats`, `balloon.check`,
 //! `migrate.send` (`args.url`, optional `downtime_ms`, `max_rounds`, `watch`,
 //! `verify`, `postcopy`),
 //! `migrate.status`, `migrate.cancel`. With `watch: true`, `migrate.send` keeps the
@@ -158,6 +158,8 @@ pub enum Command {
     BalloonSet(u64),
     /// `balloon.stats`.
     BalloonStats,
+    /// `balloon.check`: the pages the balloon holds, and how many do not read as zero.
+    BalloonCheck,
     /// `migrate.send`.
     MigrateSend(MigrateArgs),
     /// `migrate.status`.
@@ -233,6 +235,7 @@ pub fn parse_request(line: &[u8]) -> Result<Command, String> {
         "dirty.harvest" => Command::DirtyHarvest,
         "dirty.stop" => Command::DirtyStop,
         "balloon.stats" => Command::BalloonStats,
+        "balloon.check" => Command::BalloonCheck,
         "balloon.set" => Command::BalloonSet(
             request
                 .args

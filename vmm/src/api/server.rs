@@ -278,6 +278,20 @@ pub fn execute(
         },
         Command::BalloonSet(bytes) => balloon_set(machine, bytes),
         Command::BalloonStats => balloon_stats(machine),
+        Command::BalloonCheck => {
+            if machine.ram().is_missing() {
+                Response::err("Guest memory is still arriving (postcopy); check the balloon once the migration is complete")
+            } else {
+                match machine.ram().check_ballooned() {
+                    Ok((ballooned, nonzero)) => Response::ok(json!({
+                        "ballooned_pages": ballooned,
+                        "nonzero_pages": nonzero,
+                        "page_size": machine.info().page_size,
+                    })),
+                    Err(e) => fail(&e),
+                }
+            }
+        }
         Command::MigrateSend(args) => {
             let response = migrations.send(machine, &args, stream);
             if response.ok && args.watch {
