@@ -86,6 +86,12 @@ impl PageStates {
         self.update(pages, PRESENT, 0);
     }
 
+    /// The pages are missing again (postcopy: a stale copy was dropped); the balloon's
+    /// bits stay.
+    pub(crate) fn clear_present(&self, pages: std::ops::Range<usize>) {
+        self.update(pages, 0, PRESENT);
+    }
+
     /// The pages now hold data (received, zero-filled, or written by the VMM).
     pub(crate) fn set_present(&self, pages: std::ops::Range<usize>) {
         self.update(pages, PRESENT, BALLOONED | DISCARDED);

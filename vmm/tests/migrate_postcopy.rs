@@ -410,3 +410,83 @@ fn when_the_source_dies_mid_postcopy_the_destination_ends_with_a_clear_error() {
     assert!(err.contains("cannot go on without its source"), "{err}");
     assert!(!err.contains("panicked"), "{err}");
 }
+
+/// Precopy first; a guest that dirties its pages faster than a 1 ms target allows
+/// switches to postcopy after 2 rounds: the pages written since they were sent are
+/// dropped on the destination and fetched again, and the destination's memory matches
+/// the source's switch-over contents page for page (the pages it held were checked
+/// before the guest started, the others as they arrived).
+#[test]
+fn a_guest_that_does_not_converge_switches_to_postcopy_after_two_rounds() {
+    let dir = Scratch::new("postcopy-after");
+    let kernel = counter_guest(&dir, 2048);
+    let (src_log, dst_log) = (dir.path("src.console"), dir.path("dst.console"));
+    let (src_api, dst_api) = (dir.s("src.api"), dir.s("dst.api"));
+    let mig = format!("unix:{}", dir.s("mig.sock"));
+    let mut dst = spawn_destination(&dir, "dst", &mig, &dst_log, &dst_api);
+    let mut src = spawn_source(&dir, &kernel, "128M", &src_log, &src_api);
+    wait_for(Duration::from_secs(30), "the source guest to print", || {
+        lines(&src_log) >= 3
+    });
+    let out = ctl(
+        &src_api,
+        &[
+            "migrate",
+            "send",
+            "--postcopy-after",
+            "2",
+            "--downtime-target",
+            "1",
+            "--verify",
+            &mig,
+        ],
+    );
+    let stdout = text(&out);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}\n{}",
+        src.stderr(),
+        dst.stderr()
+    );
+    let status: serde_json::Value =
+        serde_json::from_str(&String::from_utf8_lossy(&out.stdout)).unwrap();
+    assert_eq!(status["phase"], "completed", "{stdout}");
+    assert_eq!(status["round"], 1, "two precopy rounds: {stdout}");
+    assert_eq!(status["converged"], false, "{stdout}");
+    assert_eq!(
+        src.wait(Duration::from_secs(20)),
+        Some(0),
+        "{}",
+        src.stderr()
+    );
+    let at_switch = read(&src_log);
+    let st = ctl_json(&dst_api, &["migrate", "status"]);
+    let pc = &st["postcopy"];
+    assert_eq!(pc["phase"], "completed", "{st}");
+    assert_eq!(pc["missing_pages"], 0, "{st}");
+    assert_eq!(pc["digest_mismatches"], 0, "{st}");
+    let stale = pc["stale_pages"].as_u64().unwrap();
+    // The guest rewrites its 2048 counter pages (and its pass number's page) nonstop.
+    assert!(stale >= 2048, "{st}");
+    let refetched = pc["demand_pages"].as_u64().unwrap() + pc["background_pages"].as_u64().unwrap();
+    assert_eq!(refetched, stale, "exactly the stale pages came again: {st}");
+    assert_eq!(
+        pc["verified_pages"].as_u64().unwrap(),
+        128 * MIB / 4096,
+        "{st}"
+    );
+    wait_for(
+        Duration::from_secs(30),
+        "the destination guest to print",
+        || lines(&dst_log) >= 3,
+    );
+    assert!(ctl(&dst_api, &["vm", "shutdown"]).status.success());
+    assert_eq!(
+        dst.wait(Duration::from_secs(20)),
+        Some(0),
+        "{}",
+        dst.stderr()
+    );
+    let all = parse_counter_lines(&format!("{at_switch}{}", read(&dst_log))).unwrap();
+    check_consecutive(&all, PRINT_EVERY).unwrap();
+}

@@ -134,6 +134,27 @@ impl GuestRam {
         Ok(placed)
     }
 
+    /// Postcopy after precopy rounds: the pages of `range` hold stale copies (written
+    /// on the source after they were sent). Under the range's write lock they are
+    /// given back to the kernel and become missing again, so the next touch faults and
+    /// fetches the current copy. Only for userfaultfd-served RAM.
+    pub fn forget(&self, range: Range<u64>) -> Result<()> {
+        self.check_aligned("Forget start", range.start)?;
+        self.check_aligned("Forget end", range.end)?;
+        if !self.is_missing() {
+            return Err(GuestRamError::NotPresent(range.start));
+        }
+        let _guard = self.lock.write(range.clone())?;
+        let map = self.map.load();
+        map.for_each_piece(range.start, range.end, |i, r, s, e| {
+            super::madvise_discard(&map.mem, i, s, e)?;
+            let page = self.page_size;
+            r.states
+                .clear_present(usize_of((s - r.start) / page)..usize_of((e - r.start) / page));
+            Ok(())
+        })
+    }
+
     /// Whether the page containing `gpa` is present (received, filled or written).
     pub fn is_present(&self, gpa: u64) -> bool {
         self.page_state(gpa).is_ok_and(|s| s.present)
@@ -286,6 +307,30 @@ mod tests {
             ram.page_state(3 * page).unwrap().ballooned,
             "the balloon keeps its claim"
         );
+    }
+
+    #[test]
+    #[cfg_attr(
+        not(target_arch = "x86_64"),
+        ignore = "userfaultfd is not emulated by qemu-user"
+    )]
+    fn forgotten_pages_are_missing_again_and_take_the_next_copy() {
+        let (ram, uffd, page) = ram(4);
+        let p = usize_of(page);
+        ram.place_pages(&uffd, 0, 4, Some(&vec![0x33; 4 * p]))
+            .unwrap();
+        assert_eq!(ram.missing_pages(), 0);
+        ram.forget(page..3 * page).unwrap();
+        assert_eq!(ram.missing_ranges(), vec![page..3 * page]);
+        let placed = ram
+            .place_pages(&uffd, 0, 4, Some(&vec![0x44; 4 * p]))
+            .unwrap();
+        assert_eq!((placed.copied, placed.kept), (2, 2));
+        let mut b = vec![0u8; p];
+        ram.read(page, &mut b).unwrap();
+        assert!(b.iter().all(|&x| x == 0x44), "the new copy");
+        ram.read(0, &mut b).unwrap();
+        assert!(b.iter().all(|&x| x == 0x33), "kept");
     }
 
     #[test]

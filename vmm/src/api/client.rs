@@ -90,8 +90,14 @@ pub enum MigrateAction {
         /// arrived. After the switch the guest lives on the destination: if the link
         /// drops, it cannot go on (recovery is not implemented yet). With --verify,
         /// every page is checked against the source's CRC32C as it arrives.
-        #[arg(long)]
+        #[arg(long, conflicts_with = "postcopy_after")]
         postcopy: bool,
+        /// Start in precopy and switch to postcopy after N rounds (the full pass is
+        /// round 1) if precopy has not converged to the downtime target by then (or at
+        /// --max-rounds): pages written since they were sent are dropped on the
+        /// destination and come again.
+        #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=i64::from(super::MAX_ROUNDS_LIMIT)))]
+        postcopy_after: Option<u32>,
     },
     /// Phase, round, bytes sent, dirty rate, bandwidth, expected and actual downtime.
     Status,
@@ -172,6 +178,7 @@ impl Ctl {
                     detach,
                     verify,
                     postcopy,
+                    postcopy_after,
                 } => (
                     "migrate.send",
                     json!({
@@ -181,6 +188,7 @@ impl Ctl {
                         "watch": !detach,
                         "verify": verify,
                         "postcopy": postcopy,
+                        "postcopy_after": postcopy_after,
                     }),
                 ),
                 MigrateAction::Status => ("migrate.status", serde_json::Value::Null),

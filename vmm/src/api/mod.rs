@@ -14,7 +14,7 @@
 //! Commands: `vm.info`, `vm.pause`, `vm.resume`, `vm.shutdown`, `dirty.start`,
 //! `dirty.harvest`, `dirty.stop`, `balloon.set` (`args.bytes`), `balloon.stats`, `balloon.check`,
 //! `migrate.send` (`args.url`, optional `downtime_ms`, `max_rounds`, `watch`,
-//! `verify`, `postcopy`),
+//! `verify`, `postcopy`, `postcopy_after`),
 //! `migrate.status`, `migrate.cancel`. With `watch: true`, `migrate.send` keeps the
 //! connection open after its answer and writes one JSON status line every ~200 ms
 //! until the migration ends (the one exception to one answer per connection). A
@@ -132,6 +132,8 @@ pub struct MigrateArgs {
     pub verify: bool,
     /// Postcopy: switch over at once and send memory while the guest runs there.
     pub postcopy: bool,
+    /// Switch to postcopy after this many precopy rounds if precopy has not converged.
+    pub postcopy_after: Option<u32>,
 }
 
 /// The most rounds `migrate.send` accepts as a limit.
@@ -206,6 +208,22 @@ fn migrate_args(args: &serde_json::Value) -> Result<MigrateArgs, String> {
         .get("postcopy")
         .and_then(serde_json::Value::as_bool)
         .unwrap_or(false);
+    let postcopy_after = match args.get("postcopy_after") {
+        None | Some(serde_json::Value::Null) => None,
+        Some(v) => Some(
+            v.as_u64()
+                .and_then(|n| u32::try_from(n).ok())
+                .filter(|n| (1..=MAX_ROUNDS_LIMIT).contains(n))
+                .ok_or_else(|| {
+                    format!("migrate.send: args.postcopy_after must be 1 to {MAX_ROUNDS_LIMIT}")
+                })?,
+        ),
+    };
+    if postcopy && postcopy_after.is_some() {
+        return Err(
+            "migrate.send: args.postcopy and args.postcopy_after exclude each other".into(),
+        );
+    }
     Ok(MigrateArgs {
         url: url.to_string(),
         downtime_ms,
@@ -213,6 +231,7 @@ fn migrate_args(args: &serde_json::Value) -> Result<MigrateArgs, String> {
         watch,
         verify,
         postcopy,
+        postcopy_after,
     })
 }
 
@@ -275,6 +294,7 @@ mod tests {
                 watch: false,
                 verify: false,
                 postcopy: false,
+                postcopy_after: None,
             }))
         );
         for (bad, says) in [

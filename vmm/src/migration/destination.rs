@@ -489,15 +489,25 @@ fn receive_one(
         None
     };
     let mut state = MachineState::default();
-    let result = receive_body(
-        &mut dec,
-        &mut incoming,
-        &header,
-        &mut state,
-        pc.as_mut().and_then(|p| p.digests.as_mut()),
-    );
+    let result = receive_body(&mut dec, &mut incoming, &header, &mut state, pc.as_mut());
+    let stale_pages;
     let (rounds, verified) = match result {
-        Ok(r) => r,
+        Ok(Body {
+            rounds,
+            verified,
+            postcopy,
+            stale,
+        }) => {
+            stale_pages = stale;
+            if !postcopy {
+                // Precopy switch-over on userfaultfd-served RAM: every page is here;
+                // the memory becomes ordinary before the guest starts.
+                if let Some(p) = pc.take() {
+                    p.finish_precopy();
+                }
+            }
+            (rounds, verified)
+        }
         Err(e) => {
             if let DestinationError::Protocol { source, .. } = &e {
                 if let Some(signo) = signal_of(source) {
@@ -515,6 +525,14 @@ fn receive_one(
         return Err(refuse(&mut enc, e.into()));
     }
     let shared = pc.as_mut().map(Postcopy::seal);
+    if let Some(shared) = &shared {
+        // Pages held at switch-over: checked against the digests before the start.
+        let (held, stale) = (verified.unwrap_or(0), stale_pages);
+        shared.update(|s| {
+            s.verified_pages += held;
+            s.stale_pages = stale;
+        });
+    }
     let machine = match incoming.start() {
         Ok(m) => m,
         Err(e) => return Err(refuse(&mut enc, e.into())),
@@ -603,6 +621,75 @@ impl Postcopy {
         })
     }
 
+    /// A precopy round's pages on userfaultfd-served RAM (before the guest runs):
+    /// missing pages are placed, pages an earlier round brought are overwritten.
+    fn place_round(
+        &self,
+        ram: &rangevm_memory::GuestRam,
+        run: &super::protocol::PageRun,
+        zeros: &[u8],
+    ) -> Result<(), DestinationError> {
+        let Some(engine) = &self.engine else {
+            return Err(DestinationError::Demand("the fault engine is gone".into()));
+        };
+        let data = match &run.data {
+            PageData::Bytes(b) => Some(b.as_slice()),
+            PageData::Zero => None,
+        };
+        let count = u64::from(run.count);
+        let placed = engine.place(run.gpa, count, data)?;
+        if placed.kept > 0 {
+            match data {
+                Some(bytes) => ram.write(run.gpa, bytes)?,
+                None => {
+                    for k in 0..count {
+                        ram.write(run.gpa + k * ram.page_size(), zeros)?;
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Drops the stale pages `map` marks (they become missing and come again).
+    /// Returns how many.
+    fn forget(
+        &self,
+        ram: &rangevm_memory::GuestRam,
+        map: &super::protocol::ReceivedPages,
+    ) -> Result<u64, DestinationError> {
+        let page = 1u64 << map.page_shift;
+        let mut n = 0u64;
+        let mut run: Option<(u64, u64)> = None;
+        for i in 0..map.count {
+            if map.get(i) {
+                n += 1;
+                let at = map.gpa + u64::from(i) * page;
+                run = match run {
+                    Some((s, e)) if e == at => Some((s, e + page)),
+                    Some((s, e)) => {
+                        ram.forget(s..e)?;
+                        Some((at, at + page))
+                    }
+                    None => Some((at, at + page)),
+                };
+            }
+        }
+        if let Some((s, e)) = run {
+            ram.forget(s..e)?;
+        }
+        Ok(n)
+    }
+
+    /// The migration switched over in precopy after all: every page is here, so the
+    /// fault engine stops and guest RAM becomes ordinary.
+    fn finish_precopy(mut self) {
+        if let Some(engine) = self.engine.take() {
+            let stats = engine.finish();
+            log::info!("Precopy switch-over on postcopy-ready memory; fault engine {stats:?}");
+        }
+    }
+
     /// The switch-over state is in: fixes the digests (if the source sent any) and
     /// returns the figures shared with the demand client and `migrate status`.
     fn seal(&mut self) -> Arc<Shared> {
@@ -685,15 +772,26 @@ fn take_vcpus(vcpus: Vec<Option<Vec<u8>>>, state: &mut MachineState) -> Result<(
 
 type Dec<'a> = Decoder<BufReader<Watched<'a>>>;
 
-/// Reads rounds of pages, the switch-over, the state and `Complete`; returns the
-/// rounds seen and, with verification, the pages checked.
+/// What [`receive_body`] saw.
+struct Body {
+    /// Rounds seen.
+    rounds: u32,
+    /// With verification, the pages checked before the guest starts.
+    verified: Option<u64>,
+    /// The switch-over was to postcopy.
+    postcopy: bool,
+    /// Stale pages dropped at a switch to postcopy.
+    stale: u64,
+}
+
+/// Reads rounds of pages, the switch-over, the state and `Complete`.
 fn receive_body(
     dec: &mut Dec<'_>,
     incoming: &mut IncomingMachine,
     header: &Header,
     state: &mut MachineState,
-    mut postcopy_digests: Option<&mut Digests>,
-) -> Result<(u32, Option<u64>), DestinationError> {
+    mut pc: Option<&mut Postcopy>,
+) -> Result<Body, DestinationError> {
     let proto = |source| DestinationError::Protocol {
         peer: String::from("the source"),
         source,
@@ -710,6 +808,7 @@ fn receive_body(
     let (mut checked, mut differ, mut first_bad) = (0u64, 0u64, None);
     let mut page_buf = vec![0u8; usize::try_from(page).unwrap_or(0)];
     let mut postcopy_mode = false;
+    let mut stale = 0u64;
     loop {
         let allowed: &[MessageType] = if switched {
             &[
@@ -717,6 +816,7 @@ fn receive_body(
                 MessageType::VcpuState,
                 MessageType::DeviceState,
                 MessageType::PageDigests,
+                MessageType::StalePages,
                 MessageType::Complete,
             ]
         } else {
@@ -734,6 +834,18 @@ fn receive_body(
                         start: run.gpa,
                         end: run.gpa.saturating_add(n.saturating_mul(page)),
                     }));
+                }
+                if postcopy_mode {
+                    return Err(proto(ProtocolError::Unexpected {
+                        got: "Pages",
+                        expected: "the switch-over state (postcopy pages come after it)".into(),
+                    }));
+                }
+                if let Some(pc) = pc.as_deref_mut() {
+                    // Userfaultfd-served RAM (postcopy negotiated): place missing
+                    // pages, overwrite the ones an earlier round brought.
+                    pc.place_round(&ram, &run, &zeros)?;
+                    continue;
                 }
                 match run.data {
                     PageData::Bytes(data) => {
@@ -762,7 +874,7 @@ fn receive_body(
                 );
             }
             Message::SwitchOver(SwitchMode::Precopy) => switched = true,
-            Message::SwitchOver(SwitchMode::Postcopy) if postcopy_digests.is_some() => {
+            Message::SwitchOver(SwitchMode::Postcopy) if pc.is_some() => {
                 switched = true;
                 postcopy_mode = true;
             }
@@ -786,17 +898,33 @@ fn receive_body(
                 }
             }
             Message::DeviceState { id, blob } => state.devices.push((id, blob)),
+            Message::StalePages(map) if postcopy_mode => {
+                if let Some(pc) = pc.as_deref_mut() {
+                    stale += pc.forget(&ram, &map)?;
+                }
+            }
             Message::PageDigests(d) if verify && postcopy_mode => {
-                if let Some(digests) = postcopy_digests.as_deref_mut() {
-                    for (k, &crc) in d.digests.iter().enumerate() {
-                        if !digests.set(d.gpa + k as u64 * page, crc) {
-                            return Err(DestinationError::Verify(format!(
-                                "a digest for {:#x}, which is not guest RAM",
-                                d.gpa + k as u64 * page
-                            )));
+                // Pages here already (from precopy rounds) are checked now; the others
+                // as they arrive.
+                let digests = pc.as_deref_mut().and_then(|p| p.digests.as_mut());
+                let Some(digests) = digests else {
+                    return Err(DestinationError::Verify("no room for the digests".into()));
+                };
+                for (k, &crc) in d.digests.iter().enumerate() {
+                    let gpa = d.gpa + k as u64 * page;
+                    if !digests.set(gpa, crc) {
+                        return Err(DestinationError::Verify(format!(
+                            "a digest for {gpa:#x}, which is not guest RAM"
+                        )));
+                    }
+                    if ram.is_present(gpa) {
+                        ram.read(gpa, &mut page_buf)?;
+                        checked += 1;
+                        if Crc32c::of(&page_buf) != crc {
+                            differ += 1;
+                            first_bad.get_or_insert(gpa);
                         }
                     }
-                    checked += d.digests.len() as u64;
                 }
             }
             Message::PageDigests(d) if verify => {
@@ -820,13 +948,31 @@ fn receive_body(
         }
     }
     if postcopy_mode {
-        // The digests are checked as the pages arrive, after the guest starts.
+        if let Some(bad) = first_bad {
+            return Err(DestinationError::Verify(format!(
+                "{differ} of the {checked} pages held at switch-over differ from the source's, the first at {bad:#x}"
+            )));
+        }
+        if stale > 0 {
+            log::info!("Postcopy: {stale} stale page(s) dropped; they come again");
+        }
+        // The other digests are checked as their pages arrive, after the guest starts.
         take_vcpus(vcpus, state)?;
-        return Ok((rounds, verify.then_some(0)));
+        return Ok(Body {
+            rounds,
+            verified: verify.then_some(checked),
+            postcopy: true,
+            stale,
+        });
     }
     if !verify {
         take_vcpus(vcpus, state)?;
-        return Ok((rounds, None));
+        return Ok(Body {
+            rounds,
+            verified: None,
+            postcopy: false,
+            stale: 0,
+        });
     }
     let total = ram.size() / page;
     if let Some(bad) = first_bad {
@@ -841,5 +987,10 @@ fn receive_body(
     }
     log::info!("Verified all {checked} pages against the source's digests");
     take_vcpus(vcpus, state)?;
-    Ok((rounds, Some(checked)))
+    Ok(Body {
+        rounds,
+        verified: Some(checked),
+        postcopy: false,
+        stale: 0,
+    })
 }

@@ -120,7 +120,8 @@ impl Shared {
         }
     }
 
-    fn update(&self, f: impl FnOnce(&mut PostcopyStatus)) {
+    /// Changes the status.
+    pub fn update(&self, f: impl FnOnce(&mut PostcopyStatus)) {
         let mut s = self
             .status
             .lock()

@@ -45,6 +45,22 @@ impl SentMap {
         }
     }
 
+    /// Every page sent except `stale` (ascending guest-physical addresses).
+    pub fn all_but(ram: &GuestRam, stale: &[u64]) -> Self {
+        let map = Self::new(ram);
+        for w in &map.bits {
+            w.store(u64::MAX, Ordering::Relaxed);
+        }
+        for &gpa in stale {
+            if let Some(i) = map.index(gpa) {
+                if let Some(w) = map.bits.get(i / 64) {
+                    w.fetch_and(!(1u64 << (i % 64)), Ordering::Relaxed);
+                }
+            }
+        }
+        map
+    }
+
     fn index(&self, gpa: u64) -> Option<usize> {
         self.regions
             .iter()
@@ -216,5 +232,11 @@ mod tests {
         assert!(!map.claim(4 << 20));
         assert!(!map.claim(2 << 20), "not guest RAM");
         assert!(map.claim((5 << 20) - page));
+        let stale = SentMap::all_but(&ram, &[page, 4 << 20]);
+        assert!(!stale.claim(0));
+        assert!(stale.claim(page));
+        assert!(!stale.claim(page));
+        assert!(stale.claim(4 << 20));
+        assert!(!stale.claim((4 << 20) + page));
     }
 }

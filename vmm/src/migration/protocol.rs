@@ -572,6 +572,10 @@ pub enum Message {
     },
     /// Postcopy, source to destination: every page has been sent.
     PostcopyDone,
+    /// Postcopy after precopy rounds, source to destination, after `SwitchOver`: pages
+    /// sent in a round and written since; the destination drops them (they become
+    /// missing again) and gets them anew. The bitmap says which (bit set = stale).
+    StalePages(ReceivedPages),
     /// Source to destination, after the header on a new connection: continue the
     /// postcopy migration the header's session id names.
     Resume,
@@ -614,6 +618,8 @@ pub enum MessageType {
     PageResponse = 0x21,
     /// [`Message::PostcopyDone`].
     PostcopyDone = 0x22,
+    /// [`Message::StalePages`].
+    StalePages = 0x23,
     /// [`Message::Resume`].
     Resume = 0x30,
     /// [`Message::ReceivedPages`].
@@ -624,7 +630,7 @@ pub enum MessageType {
 
 impl MessageType {
     /// Every type, in code order.
-    pub const ALL: [Self; 16] = [
+    pub const ALL: [Self; 17] = [
         Self::Header,
         Self::Ack,
         Self::Error,
@@ -638,6 +644,7 @@ impl MessageType {
         Self::PageRequest,
         Self::PageResponse,
         Self::PostcopyDone,
+        Self::StalePages,
         Self::Resume,
         Self::ReceivedPages,
         Self::ResumeReady,
@@ -669,6 +676,7 @@ impl MessageType {
             Self::PageRequest => "PageRequest",
             Self::PageResponse => "PageResponse",
             Self::PostcopyDone => "PostcopyDone",
+            Self::StalePages => "StalePages",
             Self::Resume => "Resume",
             Self::ReceivedPages => "ReceivedPages",
             Self::ResumeReady => "ResumeReady",
@@ -707,6 +715,7 @@ impl Message {
             Self::PageRequest(_) => MessageType::PageRequest,
             Self::PageResponse { .. } => MessageType::PageResponse,
             Self::PostcopyDone => MessageType::PostcopyDone,
+            Self::StalePages(_) => MessageType::StalePages,
             Self::Resume => MessageType::Resume,
             Self::ReceivedPages(_) => MessageType::ReceivedPages,
             Self::ResumeReady { .. } => MessageType::ResumeReady,

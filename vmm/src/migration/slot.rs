@@ -82,6 +82,7 @@ impl Migrations {
             max_rounds: args.max_rounds,
             verify: args.verify,
             postcopy: args.postcopy,
+            postcopy_after: args.postcopy_after,
         };
         match source::start(
             opts,

@@ -18,8 +18,8 @@ use super::control::{MachineCtl, MachineReply, MachineRequest};
 use super::postcopy_source::{self, SentMap};
 use super::protocol::{
     max_run_pages, AckKind, Arch, Channel, Crc32c, Decoder, Encoder, Header, Message, MessageType,
-    PageDigests, PageRun, ProtocolError, Region, Round, SwitchMode, FEATURE_DEMAND_CHANNEL,
-    FEATURE_POSTCOPY, FEATURE_VERIFY, MAX_DIGESTS,
+    PageDigests, PageRun, ProtocolError, ReceivedPages, Region, Round, SwitchMode,
+    FEATURE_DEMAND_CHANNEL, FEATURE_POSTCOPY, FEATURE_VERIFY, MAX_DIGESTS,
 };
 use super::status::{MigrationStatus, Phase, SharedStatus};
 use super::transport::{MigrationAddr, Stream, TransportError};
@@ -82,6 +82,9 @@ pub struct SourceOptions {
     /// Postcopy: switch over at once; the destination runs the guest and fetches its
     /// memory on demand while the rest is pushed.
     pub postcopy: bool,
+    /// Switch to postcopy after this many precopy rounds (the full pass is one) if
+    /// precopy has not converged by then, or at the round limit.
+    pub postcopy_after: Option<u32>,
 }
 
 /// A running or finished outgoing migration.
@@ -179,6 +182,13 @@ enum End {
 }
 
 type Enc = Encoder<BufWriter<TimedWriter>>;
+
+/// The postcopy demand connection, past its handshake.
+struct DemandLink {
+    stream: Stream,
+    dec: Decoder<BufReader<Stream>>,
+    enc: Encoder<BufWriter<Stream>>,
+}
 
 /// The connection, timing its writes: bytes over the time spent in `write` is the
 /// bandwidth the link (and the destination's reading) gives, whatever time reading
@@ -337,7 +347,7 @@ impl Sender {
             })
             .collect();
         let mut features = if self.opts.verify { FEATURE_VERIFY } else { 0 };
-        if self.opts.postcopy {
+        if self.opts.postcopy || self.opts.postcopy_after.is_some() {
             features |= FEATURE_POSTCOPY | FEATURE_DEMAND_CHANNEL;
         }
         let mut header = Header::new(arch, page_shift, self.cpus, regions, features);
@@ -371,8 +381,15 @@ impl Sender {
             other => return Err(SourceError::Refused(format!("{other:?}"))),
         }
         log::info!("The destination {} accepted the migration", self.opts.addr);
+        let mut demand = if self.opts.postcopy || self.opts.postcopy_after.is_some() {
+            Some(self.open_demand(header_copy)?)
+        } else {
+            None
+        };
         if self.opts.postcopy {
-            return self.run_postcopy(enc, dec, header_copy);
+            if let Some(link) = demand.take() {
+                return self.switch_postcopy(enc, dec, link, None);
+            }
         }
 
         self.machine(MachineRequest::StartDirtyLog, "start dirty logging")?;
@@ -447,13 +464,24 @@ impl Sender {
             self.write_watch(true);
             pending = dirty;
             converged = expected_ms <= target_ms;
-            if converged || round >= self.opts.max_rounds {
+            let postcopy_due = self
+                .opts
+                .postcopy_after
+                .is_some_and(|n| round.saturating_add(1) >= n);
+            if converged || round >= self.opts.max_rounds || postcopy_due {
                 break;
             }
             round += 1;
         }
         self.status.update(|s| s.converged = converged);
         self.check_cancel()?;
+        if !converged {
+            if let Some(link) = demand.take() {
+                // Precopy did not converge in the rounds allowed: postcopy for the rest.
+                return self.switch_postcopy(enc, dec, link, Some(pending));
+            }
+        }
+        drop(demand);
 
         // Switch-over: from here the guest is paused until the destination runs it or
         // this side resumes it.
@@ -515,12 +543,7 @@ impl Sender {
     /// Postcopy from the start: the demand connection, switch-over at once, then the
     /// destination runs the guest while this side serves its page requests and pushes
     /// the rest.
-    fn run_postcopy(
-        &mut self,
-        mut enc: Enc,
-        mut dec: Dec,
-        header: Header,
-    ) -> Result<End, SourceError> {
+    fn open_demand(&mut self, header: Header) -> Result<DemandLink, SourceError> {
         let page_shift = header.page_shift;
         let demand = Stream::connect(&self.opts.addr, CONNECT_TIMEOUT)?;
         demand
@@ -544,23 +567,51 @@ impl Sender {
                 )))
             }
         }
+        Ok(DemandLink {
+            stream: demand,
+            dec: ddec,
+            enc: denc,
+        })
+    }
+
+    /// Switches over to postcopy: pause, the stale pages (those sent in precopy rounds
+    /// and written since: `pending` plus what the pause harvests; `None` when no round
+    /// ran), the state; then, once the destination runs the guest, serve its page
+    /// requests and push every page it does not hold.
+    fn switch_postcopy(
+        &mut self,
+        mut enc: Enc,
+        mut dec: Dec,
+        link: DemandLink,
+        pending: Option<Vec<u64>>,
+    ) -> Result<End, SourceError> {
+        let DemandLink {
+            stream: demand,
+            dec: ddec,
+            enc: denc,
+        } = link;
+        let page_shift = u8::try_from(self.ram.page_size().trailing_zeros()).unwrap_or(12);
         self.check_cancel()?;
 
         let paused_at = Instant::now();
         self.status.update(|s| s.phase = Phase::SwitchOver);
-        let state = match self.machine(MachineRequest::PauseAndSave, "pause and save its state")? {
-            MachineReply::Saved { state, .. } => {
-                self.paused = true;
-                state
-            }
-            _ => {
-                return Err(SourceError::Machine {
-                    what: "pause and save its state",
-                    why: "unexpected answer".into(),
-                })
-            }
-        };
+        let (state, stale) =
+            match self.machine(MachineRequest::PauseAndSave, "pause and save its state")? {
+                MachineReply::Saved { state, dirty } => {
+                    self.paused = true;
+                    (state, pending.map(|p| merge_sorted(&p, &dirty)))
+                }
+                _ => {
+                    return Err(SourceError::Machine {
+                        what: "pause and save its state",
+                        why: "unexpected answer".into(),
+                    })
+                }
+            };
         enc.send(&Message::SwitchOver(SwitchMode::Postcopy))?;
+        if let Some(stale) = &stale {
+            self.send_stale(&mut enc, stale, page_shift)?;
+        }
         if self.opts.verify {
             self.send_digests(&mut enc, page_shift)?;
         }
@@ -588,7 +639,11 @@ impl Sender {
             });
         });
         self.write_watch(true);
-        let sent = Arc::new(SentMap::new(&self.ram));
+        let sent = Arc::new(match &stale {
+            // After precopy rounds the destination holds every page but the stale ones.
+            Some(stale) => SentMap::all_but(&self.ram, stale),
+            None => SentMap::new(&self.ram),
+        });
         demand
             .set_timeouts(None, Some(WRITE_TIMEOUT))
             .map_err(SourceError::Socket)?;
@@ -626,6 +681,41 @@ impl Sender {
             ))),
             Err(e) => Ok(End::PostcopyLost(super::chain(&e))),
         }
+    }
+
+    /// Sends the stale pages as `StalePages` bitmaps, region by region.
+    fn send_stale(
+        &mut self,
+        enc: &mut Enc,
+        stale: &[u64],
+        page_shift: u8,
+    ) -> Result<(), SourceError> {
+        let page = 1u64 << page_shift;
+        let per_map = u64::from(super::protocol::MAX_MAP_PAGES);
+        let mut i = 0usize;
+        for r in self.ram.regions() {
+            let mut start = r.start;
+            while start < r.end() {
+                let count = ((r.end() - start) / page).min(per_map);
+                let end = start + count * page;
+                let mut map =
+                    ReceivedPages::new(start, page_shift, u32::try_from(count).unwrap_or(0));
+                let mut any = false;
+                while i < stale.len() && stale[i] < end {
+                    if stale[i] >= start {
+                        any |=
+                            map.set(u32::try_from((stale[i] - start) / page).unwrap_or(u32::MAX));
+                    }
+                    i += 1;
+                }
+                if any {
+                    enc.send(&Message::StalePages(map))?;
+                }
+                start = end;
+            }
+        }
+        log::info!("Postcopy: {} stale page(s) to send again", stale.len());
+        Ok(())
     }
 
     /// Sends the CRC32C of every page (the guest is paused: they are the switch-over

@@ -221,6 +221,10 @@ pub struct PostcopyStatus {
     pub vcpu_blocked_ms: f64,
     /// Pages still missing.
     pub missing_pages: u64,
+    /// Pages a precopy round had brought that were written again before the switch
+    /// to postcopy: dropped, and fetched anew.
+    #[serde(default)]
+    pub stale_pages: u64,
     /// Pages whose CRC32C matched the source's switch-over digest when they arrived
     /// (`--verify`).
     pub verified_pages: u64,

@@ -67,6 +67,7 @@ fn every_message() -> Vec<Message> {
             blob: pattern(40, 2),
         },
         Message::Complete,
+        Message::StalePages(map.clone()),
         Message::PageDigests(PageDigests {
             gpa: 0x4000,
             page_shift: SHIFT,

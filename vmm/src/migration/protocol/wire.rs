@@ -121,7 +121,7 @@ pub(super) fn encode_parts(msg: &Message) -> Result<(Vec<u8>, &[u8]), ProtocolEr
             put_u64(&mut b, *request_id);
             tail = put_run(&mut b, run);
         }
-        Message::ReceivedPages(map) => {
+        Message::ReceivedPages(map) | Message::StalePages(map) => {
             map.validate()?;
             put_u64(&mut b, map.gpa);
             put_u32(&mut b, map.count);
@@ -455,7 +455,7 @@ pub(super) fn decode_payload(ty: MessageType, payload: Vec<u8>) -> Result<Messag
             f.finish()?;
             Message::Resume
         }
-        MessageType::ReceivedPages => {
+        MessageType::ReceivedPages | MessageType::StalePages => {
             let gpa = f.u64()?;
             let count = f.u32()?;
             let page_shift = f.u8()?;
@@ -470,7 +470,11 @@ pub(super) fn decode_payload(ty: MessageType, payload: Vec<u8>) -> Result<Messag
                 bitmap: take_tail(payload, rest),
             };
             map.validate()?;
-            Message::ReceivedPages(map)
+            if ty == MessageType::StalePages {
+                Message::StalePages(map)
+            } else {
+                Message::ReceivedPages(map)
+            }
         }
         MessageType::ResumeReady => {
             let received = f.u64()?;
@@ -513,7 +517,7 @@ pub(super) fn message_page_shift(msg: &Message) -> Option<u8> {
         Message::Pages(run) | Message::PageResponse { run, .. } => Some(run.page_shift),
         Message::PageRequest(r) => Some(r.page_shift),
         Message::PageDigests(d) => Some(d.page_shift),
-        Message::ReceivedPages(m) => Some(m.page_shift),
+        Message::ReceivedPages(m) | Message::StalePages(m) => Some(m.page_shift),
         Message::Header(h) => Some(h.page_shift),
         _ => None,
     }
