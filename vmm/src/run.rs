@@ -154,6 +154,12 @@ pub struct RunArgs {
     /// source), and run it. Memory size and vCPUs come from the source.
     #[arg(long, value_name = "ADDR", value_parser = parse_incoming)]
     pub incoming: Option<MigrationAddr>,
+    /// With --incoming, if the source migrates in postcopy: the fault handler threads
+    /// (each with a userfaultfd of its own for its share of guest memory) that fetch
+    /// the pages vCPUs touch from the source.
+    #[arg(long, value_name = "N", default_value_t = 2, requires = "incoming",
+          value_parser = clap::value_parser!(u32).range(1..=64))]
+    pub postcopy_handlers: u32,
 }
 
 fn parse_incoming(s: &str) -> Result<MigrationAddr, String> {
@@ -235,6 +241,7 @@ pub fn run(args: RunArgs) -> Result<ExitCode, RunError> {
                 mem_lock: args.mem_lock,
                 serial_out,
                 ctl: migrations.ctl(),
+                postcopy_handlers: usize::try_from(args.postcopy_handlers).unwrap_or(2),
             },
             &signals,
         );

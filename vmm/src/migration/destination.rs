@@ -89,6 +89,8 @@ pub struct IncomingOptions {
     /// How a postcopy migration tells the event loop it failed (the guest cannot go
     /// on without its source).
     pub ctl: MachineCtl,
+    /// Postcopy fault handler threads (and userfaultfds).
+    pub postcopy_handlers: usize,
 }
 
 impl std::fmt::Debug for IncomingOptions {
@@ -292,12 +294,14 @@ pub fn receive(opts: IncomingOptions, signals: &Signals) -> Result<Received, Des
         mem_lock,
         serial_out,
         ctl,
+        postcopy_handlers,
     } = opts;
     let shape = Shape {
         memory,
         cpus,
         mem_lock,
         ctl,
+        handlers: postcopy_handlers,
     };
     let listener = Listener::bind(&addr)?;
     eprintln!(
@@ -328,6 +332,7 @@ struct Shape {
     cpus: Option<u32>,
     mem_lock: LockMode,
     ctl: MachineCtl,
+    handlers: usize,
 }
 
 /// How long the source may take to open the demand connection.
@@ -481,7 +486,7 @@ fn receive_one(
             Ok(d) => d,
             Err(e) => return Err(refuse(&mut enc, e)),
         };
-        match Postcopy::start(&incoming, demand, header.page_shift) {
+        match Postcopy::start(&incoming, demand, header.page_shift, opts.handlers) {
             Ok(p) => Some(p),
             Err(e) => return Err(refuse(&mut enc, e)),
         }
@@ -589,6 +594,7 @@ impl Postcopy {
         incoming: &IncomingMachine,
         demand: Stream,
         page_shift: u8,
+        handlers: usize,
     ) -> Result<Self, DestinationError> {
         let ram = Arc::clone(incoming.ram());
         // The shared figures exist before the digests are known; they are attached at
@@ -601,7 +607,10 @@ impl Postcopy {
         let engine = FaultEngine::start(
             Arc::clone(&ram),
             Arc::clone(&client) as Arc<dyn rangevm_memory::PageSource>,
-            rangevm_memory::FaultEngineConfig::default(),
+            rangevm_memory::FaultEngineConfig {
+                handlers,
+                shards: handlers,
+            },
         )
         .map_err(|e| DestinationError::Demand(super::chain(&e)))?;
         let reader_client = Arc::clone(&client);
