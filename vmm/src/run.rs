@@ -160,6 +160,12 @@ pub struct RunArgs {
     #[arg(long, value_name = "N", default_value_t = 2, requires = "incoming",
           value_parser = clap::value_parser!(u32).range(1..=64))]
     pub postcopy_handlers: u32,
+    /// With --incoming: if a postcopy migration's link drops, how long (seconds) the
+    /// guest waits on missing pages for `migrate resume` before rangevm gives up and
+    /// exits 1 (the guest cannot go on without its source).
+    #[arg(long, value_name = "SECS", default_value_t = 300, requires = "incoming",
+          value_parser = clap::value_parser!(u64).range(1..=86_400))]
+    pub postcopy_resume_timeout: u64,
 }
 
 fn parse_incoming(s: &str) -> Result<MigrationAddr, String> {
@@ -242,6 +248,7 @@ pub fn run(args: RunArgs) -> Result<ExitCode, RunError> {
                 serial_out,
                 ctl: migrations.ctl(),
                 postcopy_handlers: usize::try_from(args.postcopy_handlers).unwrap_or(2),
+                resume_timeout: std::time::Duration::from_secs(args.postcopy_resume_timeout),
             },
             &signals,
         );

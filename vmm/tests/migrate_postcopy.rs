@@ -274,18 +274,30 @@ fn spawn_source(dir: &Scratch, kernel: &str, memory: &str, log: &Path, api: &str
 
 /// `rangevm run --incoming ADDR`, waiting until it listens.
 fn spawn_destination(dir: &Scratch, tag: &str, addr: &str, log: &Path, api: &str) -> Proc {
-    let mut dst = Proc::spawn(
-        &[
-            "run",
-            "--incoming",
-            addr,
-            "--serial",
-            &format!("file:{}", log.display()),
-            "--api-socket",
-            api,
-        ],
-        &dir.path(&format!("{tag}.err")),
-    );
+    spawn_destination_with(dir, tag, addr, log, api, &[])
+}
+
+/// As [`spawn_destination`], with more options.
+fn spawn_destination_with(
+    dir: &Scratch,
+    tag: &str,
+    addr: &str,
+    log: &Path,
+    api: &str,
+    more: &[&str],
+) -> Proc {
+    let serial = format!("file:{}", log.display());
+    let mut args = vec![
+        "run",
+        "--incoming",
+        addr,
+        "--serial",
+        &serial,
+        "--api-socket",
+        api,
+    ];
+    args.extend_from_slice(more);
+    let mut dst = Proc::spawn(&args, &dir.path(&format!("{tag}.err")));
     wait_for(Duration::from_secs(20), "the destination to listen", || {
         assert!(dst.alive(), "the destination exited: {}", dst.stderr());
         dst.stderr().contains("waiting for an incoming migration")
@@ -381,7 +393,14 @@ fn when_the_source_dies_mid_postcopy_the_destination_ends_with_a_clear_error() {
     let (src_log, dst_log) = (dir.path("src.console"), dir.path("dst.console"));
     let (src_api, dst_api) = (dir.s("src.api"), dir.s("dst.api"));
     let mig = format!("unix:{}", dir.s("mig.sock"));
-    let mut dst = spawn_destination(&dir, "dst", &mig, &dst_log, &dst_api);
+    let mut dst = spawn_destination_with(
+        &dir,
+        "dst",
+        &mig,
+        &dst_log,
+        &dst_api,
+        &["--postcopy-resume-timeout", "3"],
+    );
     let mut src = spawn_source(&dir, &kernel, "2G", &src_log, &src_api);
     wait_for(Duration::from_secs(30), "the source guest to print", || {
         lines(&src_log) >= 2
@@ -479,6 +498,147 @@ fn a_guest_that_does_not_converge_switches_to_postcopy_after_two_rounds() {
         Duration::from_secs(30),
         "the destination guest to print",
         || lines(&dst_log) >= 3,
+    );
+    assert!(ctl(&dst_api, &["vm", "shutdown"]).status.success());
+    assert_eq!(
+        dst.wait(Duration::from_secs(20)),
+        Some(0),
+        "{}",
+        dst.stderr()
+    );
+    let all = parse_counter_lines(&format!("{at_switch}{}", read(&dst_log))).unwrap();
+    check_consecutive(&all, PRINT_EVERY).unwrap();
+}
+
+/// A Unix-socket proxy between the source and the destination that forwards slowly
+/// (so that postcopy lasts long enough to be cut) and can cut every connection.
+struct Proxy {
+    conns: Arc<Mutex<Vec<std::os::unix::net::UnixStream>>>,
+}
+
+impl Proxy {
+    fn start(listen: &Path, target: &Path) -> Self {
+        let listener = std::os::unix::net::UnixListener::bind(listen).unwrap();
+        let conns: Arc<Mutex<Vec<std::os::unix::net::UnixStream>>> = Arc::default();
+        let (target, keep) = (target.to_path_buf(), Arc::clone(&conns));
+        std::thread::spawn(move || {
+            for client in listener.incoming() {
+                let Ok(client) = client else { return };
+                let Ok(server) = std::os::unix::net::UnixStream::connect(&target) else {
+                    return;
+                };
+                let mut list = keep.lock().unwrap();
+                list.push(client.try_clone().unwrap());
+                list.push(server.try_clone().unwrap());
+                for (from, to) in [
+                    (client.try_clone().unwrap(), server.try_clone().unwrap()),
+                    (server, client),
+                ] {
+                    std::thread::spawn(move || Self::pump(from, to));
+                }
+            }
+        });
+        Proxy { conns }
+    }
+
+    /// Copies 16 KiB every 2 ms (about 8 MB/s) until either side ends.
+    fn pump(mut from: std::os::unix::net::UnixStream, mut to: std::os::unix::net::UnixStream) {
+        use std::io::Write;
+        let mut buf = [0u8; 16 << 10];
+        while let Ok(n) = from.read(&mut buf) {
+            if n == 0 || to.write_all(&buf[..n]).is_err() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        let _ = to.shutdown(std::net::Shutdown::Both);
+    }
+
+    /// Cuts every connection, as a dropped link would.
+    fn cut(&self) -> usize {
+        let list = self.conns.lock().unwrap();
+        for c in list.iter() {
+            let _ = c.shutdown(std::net::Shutdown::Both);
+        }
+        list.len()
+    }
+}
+
+/// The link drops in the middle of postcopy: both sides pause (the guest waits on the
+/// destination for pages only the source has), `migrate resume` on both reconnects,
+/// and the migration completes with every page placed exactly once, each matching the
+/// source's switch-over contents.
+#[test]
+fn a_postcopy_cut_mid_way_resumes_with_no_page_lost_or_placed_twice() {
+    let dir = Scratch::new("postcopy-resume");
+    let kernel = counter_guest(&dir, 4096);
+    let (src_log, dst_log) = (dir.path("src.console"), dir.path("dst.console"));
+    let (src_api, dst_api) = (dir.s("src.api"), dir.s("dst.api"));
+    let mig = format!("unix:{}", dir.s("mig.sock"));
+    let mut dst = spawn_destination(&dir, "dst", &mig, &dst_log, &dst_api);
+    let proxy = Proxy::start(&dir.path("proxy.sock"), &dir.path("mig.sock"));
+    let mut src = spawn_source(&dir, &kernel, "1G", &src_log, &src_api);
+    wait_for(Duration::from_secs(30), "the source guest to print", || {
+        lines(&src_log) >= 2
+    });
+    let via_proxy = format!("unix:{}", dir.s("proxy.sock"));
+    let out = ctl(
+        &src_api,
+        &[
+            "migrate",
+            "send",
+            "--postcopy",
+            "--verify",
+            "--detach",
+            &via_proxy,
+        ],
+    );
+    assert!(out.status.success(), "{}", text(&out));
+    wait_for(Duration::from_secs(60), "postcopy to start", || {
+        let st = status(&src_api);
+        assert_ne!(phase(&st), "failed", "{st}");
+        phase(&st) == "postcopy"
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(proxy.cut() >= 4, "main and demand connections, both ends");
+    wait_for(Duration::from_secs(30), "the source to pause", || {
+        phase(&status(&src_api)) == "postcopy-paused"
+    });
+    wait_for(Duration::from_secs(30), "the destination to pause", || {
+        status(&dst_api)["postcopy"]["phase"] == "paused"
+    });
+    assert!(dst.alive() && src.alive());
+    let resume = format!("unix:{}", dir.s("resume.sock"));
+    let out = ctl(&dst_api, &["migrate", "resume", &resume]);
+    assert!(out.status.success(), "{}", text(&out));
+    let out = ctl(&src_api, &["migrate", "resume", &resume]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(
+        src.exit_code(
+            Duration::from_secs(120),
+            "the source after the resumed postcopy"
+        ),
+        0,
+        "{}",
+        src.stderr()
+    );
+    let at_switch = read(&src_log);
+    let st = ctl_json(&dst_api, &["migrate", "status"]);
+    let pc = &st["postcopy"];
+    assert_eq!(pc["phase"], "completed", "{st}");
+    assert_eq!(pc["resumes"], 1, "{st}");
+    assert_eq!(pc["missing_pages"], 0, "{st}");
+    assert_eq!(pc["digest_mismatches"], 0, "{st}");
+    // Every page was placed exactly once: on demand or from the background, never
+    // twice (a page held before the cut is not written again after it).
+    let pages = 1024 * MIB / 4096;
+    let placed = pc["demand_pages"].as_u64().unwrap() + pc["background_pages"].as_u64().unwrap();
+    assert_eq!(placed, pages, "{st}");
+    assert_eq!(pc["verified_pages"].as_u64().unwrap(), pages, "{st}");
+    wait_for(
+        Duration::from_secs(30),
+        "the destination guest to print",
+        || lines(&dst_log) >= 2,
     );
     assert!(ctl(&dst_api, &["vm", "shutdown"]).status.success());
     assert_eq!(

@@ -155,6 +155,16 @@ impl GuestRam {
         })
     }
 
+    /// Whether the page containing `gpa` still has to come from a postcopy source:
+    /// neither present nor discarded by the balloon (false outside guest RAM).
+    pub fn is_fetchable(&self, gpa: u64) -> bool {
+        let map = self.map.load();
+        map.region_of(gpa).is_some_and(|(_, r)| {
+            let p = usize_of((gpa - r.start) / self.page_size);
+            !r.states.is_present(p) && !r.states.is_discarded(p)
+        })
+    }
+
     /// Whether the page containing `gpa` is present (received, filled or written).
     pub fn is_present(&self, gpa: u64) -> bool {
         self.page_state(gpa).is_ok_and(|s| s.present)
@@ -334,7 +344,10 @@ mod tests {
     }
 
     #[test]
-    #[cfg_attr(not(target_arch = "x86_64"), ignore = "userfaultfd is not emulated by qemu-user")]
+    #[cfg_attr(
+        not(target_arch = "x86_64"),
+        ignore = "userfaultfd is not emulated by qemu-user"
+    )]
     fn placement_checks_its_arguments() {
         let page = host_page_size();
         let ram = GuestRam::new_missing(LockMode::Range, &[(0, 4 * page)]).unwrap();

@@ -103,6 +103,15 @@ pub enum MigrateAction {
     Status,
     /// Stop a migration before switch-over; the guest keeps running here.
     Cancel,
+    /// Go on with a postcopy migration whose link dropped. Run it on the destination
+    /// first (it listens on ADDR), then on the source (it connects to ADDR): the
+    /// destination tells which pages it holds, exactly those count as delivered, and
+    /// every other page is sent (again).
+    Resume {
+        /// Where the destination listens.
+        #[arg(value_name = "ADDR")]
+        url: String,
+    },
 }
 
 /// VM actions.
@@ -193,6 +202,7 @@ impl Ctl {
                 ),
                 MigrateAction::Status => ("migrate.status", serde_json::Value::Null),
                 MigrateAction::Cancel => ("migrate.cancel", serde_json::Value::Null),
+                MigrateAction::Resume { url } => ("migrate.resume", json!({ "url": url })),
             },
         };
         Request {
@@ -269,7 +279,8 @@ fn watch_migration(
         };
         if let Ok(status) = serde_json::from_value::<MigrationStatus>(value.clone()) {
             // A failure is said once, by the error this returns.
-            let failed = status.finished() && status.phase != Phase::Completed;
+            let failed = (status.finished() && status.phase != Phase::Completed)
+                || status.phase == Phase::PostcopyPaused;
             if tty && !failed {
                 eprint!("\r\x1b[K{}", status.line());
             } else if tty {
@@ -280,7 +291,8 @@ fn watch_migration(
                 eprintln!("{}", status.line());
             }
             last_round = Some((status.round, status.phase));
-            let done = status.finished();
+            // A paused postcopy waits for an operator: stop watching and say so.
+            let done = status.finished() || status.phase == Phase::PostcopyPaused;
             last = value;
             if done {
                 if tty {

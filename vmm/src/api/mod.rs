@@ -15,7 +15,7 @@
 //! `dirty.harvest`, `dirty.stop`, `balloon.set` (`args.bytes`), `balloon.stats`, `balloon.check`,
 //! `migrate.send` (`args.url`, optional `downtime_ms`, `max_rounds`, `watch`,
 //! `verify`, `postcopy`, `postcopy_after`),
-//! `migrate.status`, `migrate.cancel`. With `watch: true`, `migrate.send` keeps the
+//! `migrate.status`, `migrate.cancel`, `migrate.resume` (`args.url`). With `watch: true`, `migrate.send` keeps the
 //! connection open after its answer and writes one JSON status line every ~200 ms
 //! until the migration ends (the one exception to one answer per connection). A
 //! request that makes no sense (not JSON, another version, an unknown command, bad
@@ -168,6 +168,9 @@ pub enum Command {
     MigrateStatus,
     /// `migrate.cancel`.
     MigrateCancel,
+    /// `migrate.resume` with `args.url`: a postcopy paused on a dropped link goes on
+    /// (the destination listens there, the source connects there).
+    MigrateResume(String),
 }
 
 fn migrate_args(args: &serde_json::Value) -> Result<MigrateArgs, String> {
@@ -265,6 +268,16 @@ pub fn parse_request(line: &[u8]) -> Result<Command, String> {
         "migrate.send" => Command::MigrateSend(migrate_args(&request.args)?),
         "migrate.status" => Command::MigrateStatus,
         "migrate.cancel" => Command::MigrateCancel,
+        "migrate.resume" => {
+            let url = request
+                .args
+                .get("url")
+                .and_then(serde_json::Value::as_str)
+                .ok_or("migrate.resume needs args.url, as in tcp:HOST:PORT or unix:PATH")?;
+            url.parse::<crate::migration::transport::MigrationAddr>()
+                .map_err(|e| e.to_string())?;
+            Command::MigrateResume(url.to_string())
+        }
         other => return Err(format!("Unknown command '{other}'")),
     })
 }

@@ -301,6 +301,7 @@ pub fn execute(
         }
         Command::MigrateStatus => migrations.status(),
         Command::MigrateCancel => migrations.cancel(),
+        Command::MigrateResume(url) => migrations.resume(&url),
     };
     (response, After::Continue)
 }

@@ -11,10 +11,13 @@ use std::time::{Duration, Instant};
 use rangevm_memory::{GuestRamError, LockMode};
 
 use super::control::{MachineCtl, MachineRequest};
-use super::postcopy_dest::{run_background, run_demand_reader, DemandClient, Digests, Shared};
+use super::postcopy_dest::{
+    run_background, run_demand_reader, DemandClient, Digests, ResumeHook, Shared,
+};
 use super::protocol::{
     AckKind, Arch, Channel, Crc32c, Decoder, Encoder, Header, Message, MessageType, PageData,
-    ProtocolError, Region, SwitchMode, FEATURE_DEMAND_CHANNEL, FEATURE_POSTCOPY, FEATURE_VERIFY,
+    ProtocolError, Region, SwitchMode, FEATURE_DEMAND_CHANNEL, FEATURE_POSTCOPY, FEATURE_RESUME,
+    FEATURE_VERIFY,
 };
 use super::transport::{Listener, MigrationAddr, Stream, TransportError};
 use crate::arch::layout;
@@ -91,6 +94,9 @@ pub struct IncomingOptions {
     pub ctl: MachineCtl,
     /// Postcopy fault handler threads (and userfaultfds).
     pub postcopy_handlers: usize,
+    /// How long a postcopy paused on a dropped link waits for `migrate resume` before
+    /// it gives up (the guest cannot go on without its source).
+    pub resume_timeout: Duration,
 }
 
 impl std::fmt::Debug for IncomingOptions {
@@ -295,6 +301,7 @@ pub fn receive(opts: IncomingOptions, signals: &Signals) -> Result<Received, Des
         serial_out,
         ctl,
         postcopy_handlers,
+        resume_timeout,
     } = opts;
     let shape = Shape {
         memory,
@@ -302,6 +309,7 @@ pub fn receive(opts: IncomingOptions, signals: &Signals) -> Result<Received, Des
         mem_lock,
         ctl,
         handlers: postcopy_handlers,
+        resume_timeout,
     };
     let listener = Listener::bind(&addr)?;
     eprintln!(
@@ -333,6 +341,7 @@ struct Shape {
     mem_lock: LockMode,
     ctl: MachineCtl,
     handlers: usize,
+    resume_timeout: Duration,
 }
 
 /// How long the source may take to open the demand connection.
@@ -447,7 +456,7 @@ fn receive_one(
         page_shift,
         cpus,
         local_regions,
-        FEATURE_VERIFY | FEATURE_POSTCOPY | FEATURE_DEMAND_CHANNEL,
+        FEATURE_VERIFY | FEATURE_POSTCOPY | FEATURE_DEMAND_CHANNEL | FEATURE_RESUME,
     );
     if let Err(e) = header.check_compatible(&local) {
         return Err(refuse(&mut enc, DestinationError::Incompatible(e)));
@@ -486,7 +495,14 @@ fn receive_one(
             Ok(d) => d,
             Err(e) => return Err(refuse(&mut enc, e)),
         };
-        match Postcopy::start(&incoming, demand, header.page_shift, opts.handlers) {
+        let resumable = header.features & FEATURE_RESUME != 0;
+        match Postcopy::start(
+            &incoming,
+            demand,
+            header.page_shift,
+            opts.handlers,
+            resumable,
+        ) {
             Ok(p) => Some(p),
             Err(e) => return Err(refuse(&mut enc, e)),
         }
@@ -555,7 +571,14 @@ fn receive_one(
             log::warn!("Postcopy: the source sent data before the guest ran; it is dropped");
         }
         let stream = reader.into_inner().stream;
-        pc.spawn_background(stream, enc, Arc::clone(&shared), opts.ctl.clone())?;
+        pc.spawn_background(
+            stream,
+            enc,
+            Arc::clone(&shared),
+            opts.ctl.clone(),
+            &header,
+            opts.resume_timeout,
+        )?;
         return Ok(Received {
             machine,
             source: peer.to_string(),
@@ -580,6 +603,7 @@ fn receive_one(
 /// The postcopy machinery of a destination, from the demand connection to the
 /// background receiver.
 struct Postcopy {
+    resumable: bool,
     engine: Option<FaultEngine>,
     client: Arc<DemandClient>,
     digests: Option<Digests>,
@@ -595,6 +619,7 @@ impl Postcopy {
         demand: Stream,
         page_shift: u8,
         handlers: usize,
+        resumable: bool,
     ) -> Result<Self, DestinationError> {
         let ram = Arc::clone(incoming.ram());
         // The shared figures exist before the digests are known; they are attached at
@@ -603,7 +628,12 @@ impl Postcopy {
         let writer = demand
             .try_clone()
             .map_err(|e| DestinationError::Transport(TransportError::Socket(e)))?;
-        let client = Arc::new(DemandClient::new(writer, page_shift, placeholder));
+        let client = Arc::new(DemandClient::new(
+            writer,
+            page_shift,
+            placeholder,
+            resumable,
+        ));
         let engine = FaultEngine::start(
             Arc::clone(&ram),
             Arc::clone(&client) as Arc<dyn rangevm_memory::PageSource>,
@@ -621,6 +651,7 @@ impl Postcopy {
             .spawn(move || run_demand_reader(dec, reader_client))
             .map_err(|e| DestinationError::Demand(format!("cannot start a thread: {e}")))?;
         Ok(Postcopy {
+            resumable,
             engine: Some(engine),
             digests: Some(Digests::new(&ram)),
             client,
@@ -713,10 +744,23 @@ impl Postcopy {
     fn spawn_background(
         mut self,
         stream: Stream,
-        mut enc: Encoder<BufWriter<Stream>>,
+        enc: Encoder<BufWriter<Stream>>,
         shared: Arc<Shared>,
         ctl: MachineCtl,
+        header: &Header,
+        resume_timeout: Duration,
     ) -> Result<(), DestinationError> {
+        let resume = if self.resumable {
+            let (tx, rx) = std::sync::mpsc::sync_channel(1);
+            shared.set_resume(ResumeHook {
+                header: header.clone(),
+                tx,
+            });
+            Some((rx, resume_timeout))
+        } else {
+            None
+        };
+        let client = Arc::clone(&self.client);
         let Some(engine) = self.engine.take() else {
             return Err(DestinationError::Demand("the fault engine is gone".into()));
         };
@@ -730,7 +774,7 @@ impl Postcopy {
             .spawn(move || {
                 let mut dec = Decoder::new(BufReader::with_capacity(1 << 20, stream));
                 dec.expect_page_shift(page_shift);
-                match run_background(&mut dec, &mut enc, engine, &ram, &shared) {
+                match run_background(dec, enc, engine, &ram, &shared, &client, resume) {
                     Ok(()) => {
                         let s = shared.status(&ram);
                         eprintln!(

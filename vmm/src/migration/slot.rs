@@ -124,6 +124,28 @@ impl Migrations {
         Response::ok(json!(status))
     }
 
+    /// `migrate.resume ADDR`: on a source whose postcopy lost its link, reconnect to
+    /// ADDR; on a destination whose postcopy is paused, listen on ADDR for the source.
+    pub fn resume(&self, url: &str) -> Response {
+        let addr: MigrationAddr = match url.parse() {
+            Ok(a) => a,
+            Err(e) => return Response::err(e.to_string()),
+        };
+        if let Some(o) = self.outgoing.as_ref().filter(|o| o.active()) {
+            return match o.resume(addr) {
+                Ok(()) => Response::ok(json!({"resuming": url})),
+                Err(why) => Response::err(why),
+            };
+        }
+        if let Some((shared, ram)) = &self.incoming {
+            return match shared.resume(&addr, Arc::clone(ram)) {
+                Ok(at) => Response::ok(json!({"listening": at})),
+                Err(why) => Response::err(why),
+            };
+        }
+        Response::err("No postcopy migration is paused here")
+    }
+
     /// `migrate.cancel`: a migration before switch-over stops and the guest runs on.
     pub fn cancel(&self) -> Response {
         match &self.outgoing {

@@ -19,7 +19,7 @@ use super::postcopy_source::{self, SentMap};
 use super::protocol::{
     max_run_pages, AckKind, Arch, Channel, Crc32c, Decoder, Encoder, Header, Message, MessageType,
     PageDigests, PageRun, ProtocolError, ReceivedPages, Region, Round, SwitchMode,
-    FEATURE_DEMAND_CHANNEL, FEATURE_POSTCOPY, FEATURE_VERIFY, MAX_DIGESTS,
+    FEATURE_DEMAND_CHANNEL, FEATURE_POSTCOPY, FEATURE_RESUME, FEATURE_VERIFY, MAX_DIGESTS,
 };
 use super::status::{MigrationStatus, Phase, SharedStatus};
 use super::transport::{MigrationAddr, Stream, TransportError};
@@ -93,6 +93,7 @@ pub struct Outgoing {
     /// Its status.
     pub status: SharedStatus,
     cancel: Arc<AtomicBool>,
+    resume_tx: std::sync::mpsc::Sender<MigrationAddr>,
     thread: Option<JoinHandle<()>>,
 }
 
@@ -100,6 +101,18 @@ impl Outgoing {
     /// Whether it is still going.
     pub fn active(&self) -> bool {
         !self.status.get().finished()
+    }
+
+    /// `migrate resume ADDR`: a postcopy paused on a dropped link reconnects to `addr`.
+    pub fn resume(&self, addr: MigrationAddr) -> Result<(), String> {
+        if self.status.get().phase != Phase::PostcopyPaused {
+            return Err(
+                "This migration is not a paused postcopy: there is nothing to resume".into(),
+            );
+        }
+        self.resume_tx
+            .send(addr)
+            .map_err(|_| "The migration thread is gone".to_string())
     }
 
     /// Asks it to stop before switch-over (it resumes nothing that was not paused).
@@ -134,7 +147,9 @@ pub fn start(
         u64::try_from(opts.downtime_target.as_millis()).unwrap_or(u64::MAX);
     let status = SharedStatus::new(initial);
     let cancel = Arc::new(AtomicBool::new(false));
+    let (resume_tx, resume_rx) = std::sync::mpsc::channel();
     let mut sender = Sender {
+        resume_rx,
         opts,
         ram,
         cpus,
@@ -152,6 +167,7 @@ pub fn start(
     Ok(Outgoing {
         status,
         cancel,
+        resume_tx,
         thread: Some(thread),
     })
 }
@@ -167,6 +183,7 @@ struct Sender {
     last_watch: Instant,
     paused: bool,
     dirty_log: bool,
+    resume_rx: std::sync::mpsc::Receiver<MigrationAddr>,
 }
 
 /// How the sending ended, if not with an error before `Complete`.
@@ -348,7 +365,7 @@ impl Sender {
             .collect();
         let mut features = if self.opts.verify { FEATURE_VERIFY } else { 0 };
         if self.opts.postcopy || self.opts.postcopy_after.is_some() {
-            features |= FEATURE_POSTCOPY | FEATURE_DEMAND_CHANNEL;
+            features |= FEATURE_POSTCOPY | FEATURE_DEMAND_CHANNEL | FEATURE_RESUME;
         }
         let mut header = Header::new(arch, page_shift, self.cpus, regions, features);
         header.session_id = session_id();
@@ -382,13 +399,14 @@ impl Sender {
         }
         log::info!("The destination {} accepted the migration", self.opts.addr);
         let mut demand = if self.opts.postcopy || self.opts.postcopy_after.is_some() {
-            Some(self.open_demand(header_copy)?)
+            let addr = self.opts.addr.clone();
+            Some(self.open_demand(header_copy.clone(), &addr)?)
         } else {
             None
         };
         if self.opts.postcopy {
             if let Some(link) = demand.take() {
-                return self.switch_postcopy(enc, dec, link, None);
+                return self.switch_postcopy(enc, dec, link, None, header_copy);
             }
         }
 
@@ -478,7 +496,7 @@ impl Sender {
         if !converged {
             if let Some(link) = demand.take() {
                 // Precopy did not converge in the rounds allowed: postcopy for the rest.
-                return self.switch_postcopy(enc, dec, link, Some(pending));
+                return self.switch_postcopy(enc, dec, link, Some(pending), header_copy);
             }
         }
         drop(demand);
@@ -543,9 +561,13 @@ impl Sender {
     /// Postcopy from the start: the demand connection, switch-over at once, then the
     /// destination runs the guest while this side serves its page requests and pushes
     /// the rest.
-    fn open_demand(&mut self, header: Header) -> Result<DemandLink, SourceError> {
+    fn open_demand(
+        &mut self,
+        header: Header,
+        addr: &MigrationAddr,
+    ) -> Result<DemandLink, SourceError> {
         let page_shift = header.page_shift;
-        let demand = Stream::connect(&self.opts.addr, CONNECT_TIMEOUT)?;
+        let demand = Stream::connect(addr, CONNECT_TIMEOUT)?;
         demand
             .set_timeouts(Some(CONNECT_TIMEOUT), Some(WRITE_TIMEOUT))
             .map_err(SourceError::Socket)?;
@@ -584,6 +606,7 @@ impl Sender {
         mut dec: Dec,
         link: DemandLink,
         pending: Option<Vec<u64>>,
+        header: Header,
     ) -> Result<End, SourceError> {
         let DemandLink {
             stream: demand,
@@ -639,32 +662,94 @@ impl Sender {
             });
         });
         self.write_watch(true);
-        let sent = Arc::new(match &stale {
+        let mut sent = Arc::new(match &stale {
             // After precopy rounds the destination holds every page but the stale ones.
             Some(stale) => SentMap::all_but(&self.ram, stale),
             None => SentMap::new(&self.ram),
         });
-        demand
-            .set_timeouts(None, Some(WRITE_TIMEOUT))
+        let mut link = DemandLink {
+            stream: demand,
+            dec: ddec,
+            enc: denc,
+        };
+        loop {
+            link.stream
+                .set_timeouts(None, Some(WRITE_TIMEOUT))
+                .map_err(SourceError::Socket)?;
+            postcopy_source::spawn_demand(
+                link.dec,
+                link.enc.into_inner(),
+                Arc::clone(&self.ram),
+                Arc::clone(&sent),
+                self.status.clone(),
+            )
             .map_err(SourceError::Socket)?;
-        postcopy_source::spawn_demand(
-            ddec,
-            denc.into_inner(),
-            Arc::clone(&self.ram),
-            Arc::clone(&sent),
-            self.status.clone(),
-        )
-        .map_err(SourceError::Socket)?;
-        if let Err(e) = postcopy_source::push_background(&mut enc, &self.ram, &sent, &self.status) {
-            return Ok(End::PostcopyLost(super::chain(&e)));
+            let why = match self.finish_postcopy(&mut enc, &mut dec, &sent) {
+                Ok(()) => return Ok(End::Running),
+                Err(why) => why,
+            };
+            // The link dropped: the guest waits on the destination for pages only this
+            // side has. Wait for `migrate resume`, then reconnect and go on.
+            let _ = link.stream.try_clone().map(|s| s.shutdown());
+            let msg = format!(
+                "Postcopy paused: the link to the destination dropped ({why}); run `migrate resume ADDR` on the destination, then here"
+            );
+            log::error!("{msg}");
+            self.status.update(|s| {
+                s.phase = Phase::PostcopyPaused;
+                s.error = Some(msg);
+            });
+            self.write_watch(true);
+            loop {
+                let Ok(addr) = self.resume_rx.recv() else {
+                    return Ok(End::PostcopyLost(why));
+                };
+                match self.reconnect(&addr, &header) {
+                    Ok((e, d, l, map)) => {
+                        enc = e;
+                        dec = d;
+                        link = l;
+                        sent = Arc::new(map);
+                        break;
+                    }
+                    Err(e) => {
+                        let msg = format!(
+                            "Postcopy paused; resuming through {addr} failed: {}",
+                            super::chain(&e)
+                        );
+                        log::error!("{msg}");
+                        self.status.update(|s| s.error = Some(msg));
+                    }
+                }
+            }
+            self.status.update(|s| {
+                s.phase = Phase::Postcopy;
+                s.error = None;
+                if let Some(p) = &mut s.postcopy {
+                    p.resumes += 1;
+                }
+            });
+            log::info!("Postcopy resumed through {}", self.opts.addr);
         }
+    }
+
+    /// Pushes every page not sent yet, then waits for the destination to confirm it
+    /// holds them all. An error is the sentence of a dropped link.
+    fn finish_postcopy(
+        &mut self,
+        enc: &mut Enc,
+        dec: &mut Dec,
+        sent: &SentMap,
+    ) -> Result<(), String> {
+        postcopy_source::push_background(enc, &self.ram, sent, &self.status)
+            .map_err(|e| super::chain(&e))?;
         dec.get_mut()
             .get_ref()
             .set_timeouts(
                 Some(postcopy_source::ALL_RECEIVED_TIMEOUT),
                 Some(WRITE_TIMEOUT),
             )
-            .map_err(SourceError::Socket)?;
+            .map_err(|e| e.to_string())?;
         match dec.recv_expecting(&[MessageType::Ack]) {
             Ok(Message::Ack(AckKind::AllPagesReceived)) => {
                 let total = self.status.elapsed_ms();
@@ -674,13 +759,70 @@ impl Sender {
                         p.phase = "completed".into();
                     }
                 });
-                Ok(End::Running)
+                Ok(())
             }
-            Ok(other) => Ok(End::PostcopyLost(format!(
-                "the destination answered {other:?}"
-            ))),
-            Err(e) => Ok(End::PostcopyLost(super::chain(&e))),
+            Ok(other) => Err(format!("the destination answered {other:?}")),
+            Err(e) => Err(super::chain(&e)),
         }
+    }
+
+    /// The source's half of the resume handshake: a new main connection with the
+    /// migration's header and `Resume`, the destination's map of the pages it holds
+    /// (exactly those count as sent; every other page goes again), then a new demand
+    /// connection.
+    fn reconnect(
+        &mut self,
+        addr: &MigrationAddr,
+        header: &Header,
+    ) -> Result<(Enc, Dec, DemandLink, SentMap), SourceError> {
+        let stream = Stream::connect(addr, CONNECT_TIMEOUT)?;
+        stream
+            .set_timeouts(Some(CONNECT_TIMEOUT), Some(WRITE_TIMEOUT))
+            .map_err(SourceError::Socket)?;
+        let reader = stream.try_clone().map_err(SourceError::Socket)?;
+        let mut enc: Enc = Encoder::new(BufWriter::with_capacity(
+            1 << 20,
+            TimedWriter {
+                inner: stream,
+                busy: Duration::ZERO,
+                bytes: 0,
+            },
+        ));
+        let mut dec: Dec = Decoder::new(BufReader::new(reader));
+        dec.expect_page_shift(header.page_shift);
+        enc.send(&Message::Header(header.clone()))?;
+        enc.send(&Message::Resume)?;
+        enc.flush()?;
+        match dec.recv_expecting(&[MessageType::Ack])? {
+            Message::Ack(AckKind::Accepted) => {}
+            other => return Err(SourceError::Refused(format!("{other:?}"))),
+        }
+        let sent = SentMap::new(&self.ram);
+        let mut marked = 0u64;
+        loop {
+            match dec.recv_expecting(&[MessageType::ReceivedPages, MessageType::ResumeReady])? {
+                Message::ReceivedPages(map) => {
+                    let page = 1u64 << map.page_shift;
+                    for i in 0..map.count {
+                        if map.get(i) && sent.claim(map.gpa + u64::from(i) * page) {
+                            marked += 1;
+                        }
+                    }
+                }
+                Message::ResumeReady { received } => {
+                    if received != marked {
+                        return Err(SourceError::Refused(format!(
+                            "a received-pages map of {marked} pages, but ResumeReady says {received}"
+                        )));
+                    }
+                    break;
+                }
+                _ => {}
+            }
+        }
+        log::info!("Postcopy resume: the destination holds {marked} pages; the rest goes again");
+        let link = self.open_demand(header.clone(), addr)?;
+        Ok((enc, dec, link, sent))
     }
 
     /// Sends the stale pages as `StalePages` bitmaps, region by region.

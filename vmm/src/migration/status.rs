@@ -20,6 +20,9 @@ pub enum Phase {
     /// Postcopy: the guest runs on the destination, which fetches the pages it
     /// touches from here while the rest is pushed in the background.
     Postcopy,
+    /// Postcopy, paused: the link dropped; the guest waits on the destination for
+    /// pages only this side has, until `migrate resume` on both sides.
+    PostcopyPaused,
     /// The guest runs on the destination; this source stops.
     Completed,
     /// The migration failed; the guest runs here as before (see `error`).
@@ -185,6 +188,10 @@ impl MigrationStatus {
                     mib(self.bytes_sent)
                 )
             }
+            Phase::PostcopyPaused => self
+                .error
+                .clone()
+                .unwrap_or_else(|| "Postcopy paused: run `migrate resume ADDR`".into()),
             Phase::Failed => format!(
                 "Migration failed; the guest keeps running here: {}",
                 self.error.as_deref().unwrap_or("unknown cause")
@@ -221,6 +228,9 @@ pub struct PostcopyStatus {
     pub vcpu_blocked_ms: f64,
     /// Pages still missing.
     pub missing_pages: u64,
+    /// Times a dropped link was resumed.
+    #[serde(default)]
+    pub resumes: u32,
     /// Pages a precopy round had brought that were written again before the switch
     /// to postcopy: dropped, and fetched anew.
     #[serde(default)]
