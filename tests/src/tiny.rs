@@ -30,7 +30,9 @@
 //!
 //! The code uses no stack (the PVH entry state defines none) and no interrupts; it
 //! writes only the pages the steps name (and [`COUNTER_ADDR`] for a
-//! [`TinyGuest::counter`]). Guest memory addresses are guest-physical.
+//! [`TinyGuest::counter`]; for a [`TinyGuest::counter_smp`], also the trampoline at
+//! [`AP_TRAMPOLINE`] and one stack page per further vCPU). Guest memory addresses are
+//! guest-physical.
 //!
 //! [`TinyGuest::counter`] is a last step that never ends, for live-migration tests:
 //!
@@ -83,6 +85,39 @@ pub const COUNTER_ADDR: u64 = 0x1_0000;
 // Past the VMM's page tables (PDEs at 0xb000, four pages), before its command line.
 const _: () = assert!(COUNTER_ADDR >= 0xf000 && COUNTER_ADDR + 8 <= 0x2_0000);
 const _: () = assert!(COUNTER_ADDR % 8 == 0);
+/// Where a [`TinyGuest::counter_smp`] guest's first vCPU puts the start-up code of the
+/// others (16-bit real mode, entered by a start-up IPI with vector
+/// `AP_TRAMPOLINE >> 12`): a page in the free gap between the VMM's boot GDT and IDT
+/// (0x500..0x528) and its PVH start info (0x6000), below the zero page (0x7000), the
+/// boot stack (0x8000..0x9000) and the page tables (0x9000..0xf000).
+pub const AP_TRAMPOLINE: u64 = 0x1000;
+const _: () = assert!(AP_TRAMPOLINE % PAGE == 0 && AP_TRAMPOLINE >= 0x528);
+const _: () = assert!(AP_TRAMPOLINE + PAGE <= 0x6000 && AP_TRAMPOLINE >> 12 <= 0xff);
+/// The most vCPUs a [`TinyGuest::counter_smp`] runs on: vCPU `i` > 0 keeps its stack
+/// in the page at `COUNTER_ADDR + i * 4096`, all below the command line (0x20000), and
+/// its pass number at `COUNTER_ADDR + 8 * i`, in the first page.
+pub const MAX_SMP_CPUS: u32 = 16;
+const _: () = assert!(COUNTER_ADDR + MAX_SMP_CPUS as u64 * PAGE <= 0x2_0000);
+const _: () = assert!(MAX_SMP_CPUS as u64 * 8 <= PAGE);
+/// The VMM's PML4 (its identity map of the first 4 GiB), which the other vCPUs of a
+/// [`TinyGuest::counter_smp`] load into CR3.
+const VMM_PML4: u64 = 0x9000;
+/// The local APIC (xAPIC MMIO) and the registers the SMP counter uses.
+const LAPIC: u32 = 0xfee0_0000;
+const LAPIC_ID: u32 = 0x20;
+const LAPIC_SVR: u32 = 0xf0;
+const LAPIC_ICR_LOW: u32 = 0x300;
+/// ICR high (destination APIC ID in bits 24..32), from ICR low.
+const ICR_HIGH_DISP: u8 = 0x10;
+/// Spurious-vector register: APIC software-enabled, vector 0xff.
+const SVR_ENABLE: u32 = 0x1ff;
+/// ICR low: INIT, level assert, physical destination.
+const ICR_INIT: u32 = 0x4500;
+/// ICR low: start-up, level assert, physical destination (the vector in bits 0..8).
+const ICR_STARTUP: u32 = 0x4600;
+/// `dec rcx; jnz` rounds after the INIT IPI and after each start-up IPI.
+const INIT_DELAY: u32 = 20_000;
+const STARTUP_DELAY: u32 = 2_000;
 /// The constant [`counter_word`] mixes in.
 pub const COUNTER_SEED: u64 = 0xc0de_cafe_f00d_5eed;
 /// What starts each line a [`TinyGuest::counter`] prints; 16 hex digits and `\n`
@@ -244,18 +279,34 @@ impl Pages {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Step {
-    Out { port: u16, value: u8 },
+    Out {
+        port: u16,
+        value: u8,
+    },
     Print(Vec<u8>),
     Touch(Pages),
     Check(Pages),
-    Counter { pages: Pages, print_every: u64 },
+    Counter {
+        pages: Pages,
+        print_every: u64,
+    },
+    /// `pages`: the pages of all `cpus`, `per_cpu` of them each, in vCPU order.
+    CounterSmp {
+        pages: Pages,
+        per_cpu: u64,
+        print_every: u64,
+        cpus: u32,
+    },
 }
 
 impl Step {
     /// The pages the step writes or reads.
     fn pages(&self) -> Option<&Pages> {
         match self {
-            Step::Touch(p) | Step::Check(p) | Step::Counter { pages: p, .. } => Some(p),
+            Step::Touch(p)
+            | Step::Check(p)
+            | Step::Counter { pages: p, .. }
+            | Step::CounterSmp { pages: p, .. } => Some(p),
             Step::Out { .. } | Step::Print(_) => None,
         }
     }
@@ -376,6 +427,78 @@ impl TinyGuest {
         self
     }
 
+    /// [`TinyGuest::counter`] on `cpus` vCPUs at once (`rangevm run --cpus N`, N >=
+    /// `cpus`), for migration tests where several vCPUs fault at the same time; the
+    /// last step. Long mode only.
+    ///
+    /// vCPU 0 (the BSP) software-enables its local APIC, copies the start-up code of
+    /// the others to [`AP_TRAMPOLINE`] and starts vCPUs 1..`cpus` (the APs) through its
+    /// xAPIC ICR: an INIT IPI to each (by APIC ID), then twice a start-up IPI with
+    /// vector `AP_TRAMPOLINE >> 12`. Each AP goes from real mode straight to long mode
+    /// (a 3-entry GDT in the trampoline page: 64-bit code 0x08, data 0x10, as the
+    /// VMM's; PAE; CR3 = the VMM's PML4 at 0x9000; EFER.LME; CR0.PG|PE; far jump), takes
+    /// its index `i` from its LAPIC ID (`[0xfee00020] >> 24`) and its stack from the
+    /// page at `COUNTER_ADDR + i * 4096`.
+    ///
+    /// vCPU `i` (0 included) then counts passes as [`TinyGuest::counter`] does, its own
+    /// `n` in RBX, over its own `pages_per_cpu` pages from `start + i * pages_per_cpu *
+    /// stride`, storing `n` at `COUNTER_ADDR + 8 * i` each pass; only vCPU 0 prints its
+    /// `pass` lines (so [`parse_counter_lines`] and [`check_consecutive`] read the
+    /// console as for [`TinyGuest::counter`]). Together the vCPUs write the first 16
+    /// bytes of the `cpus * pages_per_cpu` pages from `start`, every `stride`, and the
+    /// page at [`COUNTER_ADDR`] (and, once, the top of each AP's stack page).
+    ///
+    /// # Panics
+    /// If the mode is not [`Mode::Long`], `cpus` is not in 1..=[`MAX_SMP_CPUS`],
+    /// `pages_per_cpu` or `print_every` is 0, `start` or `stride` is not a multiple of
+    /// 4096, `stride` is 0, or the pages reach beyond 4 GiB (the APs use the VMM's
+    /// page tables). [`TinyGuest::build`] panics if the pages overlap the guest's image
+    /// or anything below `COUNTER_ADDR + cpus * 4096` (pass numbers, stacks, the VMM's
+    /// tables, the trampoline), or if another step follows.
+    pub fn counter_smp(
+        mut self,
+        start: u64,
+        pages_per_cpu: u64,
+        stride: u64,
+        print_every: u64,
+        cpus: u32,
+    ) -> Self {
+        assert!(
+            self.mode == Mode::Long,
+            "an SMP counter runs in long mode only"
+        );
+        assert!(
+            (1..=MAX_SMP_CPUS).contains(&cpus),
+            "an SMP counter runs on 1..={MAX_SMP_CPUS} vCPUs, not {cpus}"
+        );
+        assert!(
+            print_every > 0,
+            "a counter prints every print_every > 0 passes"
+        );
+        assert!(
+            start % PAGE == 0 && stride % PAGE == 0,
+            "counter start {start:#x} and stride {stride:#x} must be multiples of {PAGE:#x}"
+        );
+        assert!(pages_per_cpu > 0, "a pattern needs at least one page");
+        let count = pages_per_cpu
+            .checked_mul(u64::from(cpus))
+            .expect("the SMP counter's page count fits in u64");
+        let pages = self.pages(start, count, stride, COUNTER_BYTES);
+        assert!(
+            pages.end() <= 4 * GIB,
+            "the SMP counter's pages {start:#x}..{:#x} go beyond 4 GiB, which the VMM's page \
+             tables the APs use map",
+            pages.end()
+        );
+        self.steps.push(Step::CounterSmp {
+            pages,
+            per_cpu: pages_per_cpu,
+            print_every,
+            cpus,
+        });
+        self
+    }
+
     /// Sets how the guest ends once its steps are done.
     pub fn exit(mut self, exit: Exit) -> Self {
         self.exit = exit;
@@ -419,7 +542,7 @@ impl TinyGuest {
         if let Some(at) = self
             .steps
             .iter()
-            .position(|s| matches!(s, Step::Counter { .. }))
+            .position(|s| matches!(s, Step::Counter { .. } | Step::CounterSmp { .. }))
         {
             assert!(
                 at + 1 == self.steps.len(),
@@ -442,6 +565,16 @@ impl TinyGuest {
                 assert!(
                     !pages.overlaps(COUNTER_ADDR, 8),
                     "the counter pages {:#x}..{:#x} overlap the pass number at {COUNTER_ADDR:#x}",
+                    pages.start,
+                    pages.end()
+                );
+            }
+            if let Step::CounterSmp { pages, cpus, .. } = step {
+                let low_end = COUNTER_ADDR + u64::from(*cpus) * PAGE;
+                assert!(
+                    !pages.overlaps(0, low_end),
+                    "the counter pages {:#x}..{:#x} overlap the pass numbers, stacks, VMM \
+                     tables or AP trampoline below {low_end:#x}",
                     pages.start,
                     pages.end()
                 );
@@ -483,7 +616,38 @@ impl TinyGuest {
                     let prefix = format!("{COUNTER_PREFIX}{}", "0".repeat(COUNTER_DIGITS - digits));
                     let text = (data.add(prefix.as_bytes()), prefix.len());
                     let newline = (data.add(b"\n"), 1);
-                    asm.counter(pages, *print_every, text, digits, newline);
+                    let line = CounterLine {
+                        text,
+                        digits,
+                        newline,
+                    };
+                    asm.counter(pages, *print_every, Some(line), false);
+                }
+                Step::CounterSmp {
+                    pages,
+                    per_cpu,
+                    print_every,
+                    cpus,
+                } => {
+                    if gib_mapped.is_some() && !own_paging {
+                        asm.mov_r32_abs(Reg::Ax, Target::PageTables);
+                        asm.mov_cr3(Reg::Ax);
+                        own_paging = true;
+                    }
+                    let trampoline = ap_trampoline(&ap_code(pages, *per_cpu, *cpus));
+                    let at = data.add(&trampoline);
+                    asm.start_aps(Target::Data(at), trampoline.len(), *cpus);
+                    let prefix = COUNTER_PREFIX.as_bytes();
+                    let line = CounterLine {
+                        text: (data.add(prefix), prefix.len()),
+                        digits: COUNTER_DIGITS,
+                        newline: (data.add(b"\n"), 1),
+                    };
+                    let mine = Pages {
+                        count: *per_cpu,
+                        ..*pages
+                    };
+                    asm.counter(&mine, *print_every, Some(line), false);
                 }
                 Step::Touch(pages) | Step::Check(pages) => {
                     if gib_mapped.is_some() && !own_paging {
@@ -657,6 +821,8 @@ enum Reg {
     Cx = 1,
     Dx = 2,
     Bx = 3,
+    /// Never the base of [`Asm::alu_mem`] (that needs a SIB byte).
+    Sp = 4,
     Bp = 5,
     Si = 6,
     Di = 7,
@@ -684,12 +850,37 @@ enum AluImm {
 #[derive(Debug, Clone, Copy)]
 enum Cond {
     Below = 0x2,
+    AboveOrEqual = 0x3,
     Zero = 0x4,
     NotZero = 0x5,
 }
 
 #[derive(Debug, Clone, Copy)]
 struct Label(usize);
+
+/// The line a counter prints: `text` (offset and length in the data) is its prefix,
+/// `digits` how many digits BX fills (16, or 8 in 32-bit code), `newline` the `\n`.
+#[derive(Debug, Clone, Copy)]
+struct CounterLine {
+    text: (usize, usize),
+    digits: usize,
+    newline: (usize, usize),
+}
+
+/// `mov sreg, r32` segment register numbers.
+#[derive(Debug, Clone, Copy)]
+enum Sreg {
+    Es = 0,
+    Ss = 2,
+    Ds = 3,
+}
+
+/// `op r/m32, imm8` shifts (the `/digit` of opcode `C1`).
+#[derive(Debug, Clone, Copy)]
+enum Shift {
+    Shl = 4,
+    Shr = 5,
+}
 
 fn modrm(md: u8, reg: u8, rm: u8) -> u8 {
     (md << 6) | (reg << 3) | rm
@@ -877,6 +1068,69 @@ impl Asm {
         self.emit(&[0x0f, 0x22, modrm(0b11, 3, r as u8)]);
     }
 
+    /// `mov sreg, r32` (`8E /r`).
+    fn mov_sreg(&mut self, sreg: Sreg, r: Reg) {
+        self.emit(&[0x8e, modrm(0b11, sreg as u8, r as u8)]);
+    }
+
+    /// `mov r32, dword [base]` (`8B /r`); `base` as for [`Asm::alu_mem`].
+    fn load32(&mut self, dst: Reg, base: Reg) {
+        self.emit(&[0x8b, modrm(0b00, dst as u8, base as u8)]);
+    }
+
+    /// `shl`/`shr r32, imm8` (`C1 /digit ib`).
+    fn shift32(&mut self, op: Shift, r: Reg, imm: u8) {
+        self.emit(&[0xc1, modrm(0b11, op as u8, r as u8), imm]);
+    }
+
+    /// `add r32, imm32` (`81 /0 id`).
+    fn add32_imm32(&mut self, r: Reg, imm: u32) {
+        self.emit(&[0x81, modrm(0b11, 0, r as u8)]);
+        self.emit(&imm.to_le_bytes());
+    }
+
+    /// `lea r32, [index * 8 + disp32]` (`8D /r`, SIB with no base).
+    fn lea32_index8(&mut self, dst: Reg, index: Reg, disp: u32) {
+        self.emit(&[0x8d, modrm(0b00, dst as u8, 0b100)]);
+        self.emit(&[modrm(0b11, index as u8, 0b101)]);
+        self.emit(&disp.to_le_bytes());
+    }
+
+    /// `imul dst, src` on words (`0F AF /r`).
+    fn imul(&mut self, dst: Reg, src: Reg) {
+        self.rex_w();
+        self.emit(&[0x0f, 0xaf, modrm(0b11, dst as u8, src as u8)]);
+    }
+
+    /// The ModRM (and SIB, displacement) of `[rsp + disp8]` with `reg`.
+    fn stack_operand(&mut self, reg: Reg, disp: u8) {
+        let sib = modrm(0b00, 0b100, Reg::Sp as u8);
+        if disp == 0 {
+            self.emit(&[modrm(0b00, reg as u8, 0b100), sib]);
+        } else {
+            self.emit(&[modrm(0b01, reg as u8, 0b100), sib, disp]);
+        }
+    }
+
+    /// `mov [rsp + disp8], src` on words (`89 /r`).
+    fn store_stack(&mut self, disp: u8, src: Reg) {
+        self.rex_w();
+        self.emit(&[0x89]);
+        self.stack_operand(src, disp);
+    }
+
+    /// `mov dst, [rsp + disp8]` on words (`8B /r`).
+    fn load_stack(&mut self, dst: Reg, disp: u8) {
+        self.rex_w();
+        self.emit(&[0x8b]);
+        self.stack_operand(dst, disp);
+    }
+
+    /// `rep movsb`: CX bytes from SI to DI.
+    fn rep_movsb(&mut self) {
+        self.emit(&[0xf3, 0xa4]);
+    }
+
     /// `lidt [abs32]` with the address of `t` (SIB form in long mode, where the plain
     /// disp32 form is RIP-relative).
     fn lidt(&mut self, t: Target) {
@@ -1002,33 +1256,74 @@ impl Asm {
     }
 
     /// The [`TinyGuest::counter`] loop, which never ends. BX = `n` throughout; per pass
-    /// AX, CX, DX, SI, DI and BP are recomputed. `text` is the line's prefix (with the
-    /// zero high digits in 32-bit code), `digits` how many digits BX fills (16, or 8 in
-    /// 32-bit code), `newline` the `\n`.
-    fn counter(
-        &mut self,
-        p: &Pages,
-        print_every: u64,
-        text: (usize, usize),
-        digits: usize,
-        newline: (usize, usize),
-    ) {
+    /// AX, CX, DX, SI, DI and BP are recomputed. Prints every `print_every` passes with
+    /// a `line`, never without one. With `on_stack` (an AP of
+    /// [`TinyGuest::counter_smp`], long mode), where `n` goes and the first page are
+    /// the qwords at `[rsp]` and `[rsp + 8]` instead of [`COUNTER_ADDR`] and `p.start`.
+    fn counter(&mut self, p: &Pages, print_every: u64, line: Option<CounterLine>, on_stack: bool) {
         let pass = self.label();
         let fill = self.label();
-        let digit = self.label();
-        let wait = self.label();
-        let decimal = self.label();
         let page = self.label();
         // n = 0.
         self.alu32(Alu::Xor, Reg::Bx, Reg::Bx);
         self.bind(pass);
         // n += 1, and store it at COUNTER_ADDR.
         self.inc(Reg::Bx);
-        self.mov_r32(Reg::Di, u32_of(COUNTER_ADDR, "the counter address"));
+        if on_stack {
+            self.load_stack(Reg::Di, 0);
+        } else {
+            self.mov_r32(Reg::Di, u32_of(COUNTER_ADDR, "the counter address"));
+        }
         self.alu_mem(Alu::Mov, Reg::Di, Reg::Bx);
         if !self.long {
             self.mov_mem32_imm(Reg::Di, 4, 0);
         }
+        if let Some(line) = line {
+            self.counter_line(print_every, line, fill);
+        }
+        self.bind(fill);
+        // BP = the part of counter_word that does not depend on the address.
+        self.alu(Alu::Mov, Reg::Bp, Reg::Bx);
+        if self.long {
+            self.rol(Reg::Bp, 32);
+            self.mov_r64(Reg::Ax, COUNTER_SEED);
+            self.alu(Alu::Xor, Reg::Bp, Reg::Ax);
+        } else {
+            // The high half of the word; DX = its low half's seed.
+            self.mov_r32(Reg::Ax, high32(COUNTER_SEED));
+            self.alu(Alu::Xor, Reg::Bp, Reg::Ax);
+            self.mov_r32(Reg::Dx, low32(COUNTER_SEED));
+        }
+        if on_stack {
+            self.load_stack(Reg::Di, 8);
+        } else {
+            self.mov_word(Reg::Di, p.start, "a PVH counter start");
+        }
+        self.mov_word(Reg::Cx, p.count, "a PVH counter's page count");
+        self.mov_word(Reg::Si, p.stride, "a PVH counter stride");
+        self.bind(page);
+        self.alu_mem(Alu::Mov, Reg::Di, Reg::Bx);
+        if self.long {
+            self.alu(Alu::Mov, Reg::Ax, Reg::Di);
+            self.alu(Alu::Xor, Reg::Ax, Reg::Bp);
+            self.alu_mem_disp(Alu::Mov, Reg::Di, 8, Reg::Ax);
+        } else {
+            self.mov_mem32_imm(Reg::Di, 4, 0);
+            self.alu(Alu::Mov, Reg::Ax, Reg::Di);
+            self.alu(Alu::Xor, Reg::Ax, Reg::Dx);
+            self.alu_mem_disp(Alu::Mov, Reg::Di, 8, Reg::Ax);
+            self.alu_mem_disp(Alu::Mov, Reg::Di, 12, Reg::Bp);
+        }
+        self.pattern_next(page);
+        self.jmp(pass);
+    }
+
+    /// A counter pass's print: on to `fill` unless `n` (BX) is a multiple of
+    /// `print_every`, else `line` with `n` in hex.
+    fn counter_line(&mut self, print_every: u64, line: CounterLine, fill: Label) {
+        let digit = self.label();
+        let wait = self.label();
+        let decimal = self.label();
         // Print when n % print_every == 0.
         self.alu32(Alu::Xor, Reg::Dx, Reg::Dx);
         self.alu(Alu::Mov, Reg::Ax, Reg::Bx);
@@ -1036,10 +1331,13 @@ impl Asm {
         self.div(Reg::Cx);
         self.alu(Alu::Test, Reg::Dx, Reg::Dx);
         self.jcc(Cond::NotZero, fill);
-        self.print(Target::Data(text.0), text.1);
+        self.print(Target::Data(line.text.0), line.text.1);
         // The digits of n from the top: rotate the next one into the low nibble of BP.
         self.alu(Alu::Mov, Reg::Bp, Reg::Bx);
-        self.mov_r32(Reg::Cx, u32::try_from(digits).expect("16 digits at most"));
+        self.mov_r32(
+            Reg::Cx,
+            u32::try_from(line.digits).expect("16 digits at most"),
+        );
         self.bind(digit);
         self.mov_dx(COM1_LSR);
         self.bind(wait);
@@ -1058,38 +1356,47 @@ impl Asm {
         self.out_dx_al();
         self.dec(Reg::Cx);
         self.jcc(Cond::NotZero, digit);
-        self.print(Target::Data(newline.0), newline.1);
-        self.bind(fill);
-        // BP = the part of counter_word that does not depend on the address.
-        self.alu(Alu::Mov, Reg::Bp, Reg::Bx);
-        if self.long {
-            self.rol(Reg::Bp, 32);
-            self.mov_r64(Reg::Ax, COUNTER_SEED);
-            self.alu(Alu::Xor, Reg::Bp, Reg::Ax);
-        } else {
-            // The high half of the word; DX = its low half's seed.
-            self.mov_r32(Reg::Ax, high32(COUNTER_SEED));
-            self.alu(Alu::Xor, Reg::Bp, Reg::Ax);
-            self.mov_r32(Reg::Dx, low32(COUNTER_SEED));
+        self.print(Target::Data(line.newline.0), line.newline.1);
+    }
+
+    /// Spins `rounds` times (`dec cx; jnz`).
+    fn delay(&mut self, rounds: u32) {
+        let top = self.label();
+        self.mov_r32(Reg::Cx, rounds);
+        self.bind(top);
+        self.dec(Reg::Cx);
+        self.jcc(Cond::NotZero, top);
+    }
+
+    /// The BSP's part of a [`TinyGuest::counter_smp`] before its own counter:
+    /// software-enables its local APIC, copies the `len` bytes of trampoline at `code`
+    /// to [`AP_TRAMPOLINE`], then sends vCPUs 1..`cpus` an INIT IPI and, twice, a
+    /// start-up IPI with the trampoline's vector, by APIC ID through the xAPIC ICR
+    /// (high half, then the low half, whose write sends).
+    fn start_aps(&mut self, code: Target, len: usize, cpus: u32) {
+        self.mov_r32(Reg::Di, LAPIC + LAPIC_SVR);
+        self.mov_mem32_imm(Reg::Di, 0, SVR_ENABLE);
+        self.cld();
+        self.mov_r32_abs(Reg::Si, code);
+        self.mov_r32(Reg::Di, u32_of(AP_TRAMPOLINE, "the AP trampoline"));
+        self.mov_r32(
+            Reg::Cx,
+            u32::try_from(len).expect("the trampoline is one page"),
+        );
+        self.rep_movsb();
+        let vector = u32_of(AP_TRAMPOLINE >> 12, "the start-up vector");
+        for (command, rounds) in [
+            (ICR_INIT, INIT_DELAY),
+            (ICR_STARTUP | vector, STARTUP_DELAY),
+            (ICR_STARTUP | vector, STARTUP_DELAY),
+        ] {
+            for ap in 1..cpus {
+                self.mov_r32(Reg::Di, LAPIC + LAPIC_ICR_LOW);
+                self.mov_mem32_imm(Reg::Di, ICR_HIGH_DISP, ap << 24);
+                self.mov_mem32_imm(Reg::Di, 0, command);
+            }
+            self.delay(rounds);
         }
-        self.mov_word(Reg::Di, p.start, "a PVH counter start");
-        self.mov_word(Reg::Cx, p.count, "a PVH counter's page count");
-        self.mov_word(Reg::Si, p.stride, "a PVH counter stride");
-        self.bind(page);
-        self.alu_mem(Alu::Mov, Reg::Di, Reg::Bx);
-        if self.long {
-            self.alu(Alu::Mov, Reg::Ax, Reg::Di);
-            self.alu(Alu::Xor, Reg::Ax, Reg::Bp);
-            self.alu_mem_disp(Alu::Mov, Reg::Di, 8, Reg::Ax);
-        } else {
-            self.mov_mem32_imm(Reg::Di, 4, 0);
-            self.alu(Alu::Mov, Reg::Ax, Reg::Di);
-            self.alu(Alu::Xor, Reg::Ax, Reg::Dx);
-            self.alu_mem_disp(Alu::Mov, Reg::Di, 8, Reg::Ax);
-            self.alu_mem_disp(Alu::Mov, Reg::Di, 12, Reg::Bp);
-        }
-        self.pattern_next(page);
-        self.jmp(pass);
     }
 
     /// `cli; hlt` in a loop.
@@ -1132,6 +1439,119 @@ impl Asm {
         }
         image
     }
+}
+
+/// Where the AP trampoline keeps its GDT, the GDT pointer and its 64-bit code.
+const TRAMPOLINE_GDT: u64 = 0x40;
+const TRAMPOLINE_GDT_POINTER: u64 = 0x58;
+const TRAMPOLINE_CODE64: u64 = 0x60;
+/// The trampoline's GDT: null, 64-bit code (selector 0x08), flat data (0x10), as the
+/// VMM's boot GDT.
+const TRAMPOLINE_GDT_ENTRIES: [u64; 3] = [0, 0x00af_9b00_0000_ffff, 0x00cf_9300_0000_ffff];
+const CODE64_SELECTOR: u16 = 0x08;
+const DATA_SELECTOR: u32 = 0x10;
+
+/// The 16-bit real-mode start of the AP trampoline at [`AP_TRAMPOLINE`] (entered at
+/// `cs:ip` = `AP_TRAMPOLINE >> 4 : 0`): loads the trampoline's GDT, enables PAE,
+/// loads the VMM's PML4, sets EFER.LME, then paging and protection at once, and far
+/// jumps to the 64-bit code at `TRAMPOLINE_CODE64`.
+fn trampoline16() -> Vec<u8> {
+    let abs = |offset: u64| u32_of(AP_TRAMPOLINE + offset, "a trampoline address");
+    let gdt_pointer = u16::try_from(AP_TRAMPOLINE + TRAMPOLINE_GDT_POINTER)
+        .expect("the trampoline is below 64 KiB");
+    let mut c = Vec::new();
+    c.extend_from_slice(&[0xfa]); // cli
+    c.extend_from_slice(&[0x31, 0xc0]); // xor ax, ax
+    c.extend_from_slice(&[0x8e, 0xd8]); // mov ds, ax
+    c.extend_from_slice(&[0x66, 0x0f, 0x01, 0x16]); // lgdtd [disp16]
+    c.extend_from_slice(&gdt_pointer.to_le_bytes());
+    c.extend_from_slice(&[0x66, 0xb8, 0x20, 0, 0, 0]); // mov eax, CR4.PAE
+    c.extend_from_slice(&[0x0f, 0x22, 0xe0]); // mov cr4, eax
+    c.extend_from_slice(&[0x66, 0xb8]); // mov eax, VMM_PML4
+    c.extend_from_slice(&u32_of(VMM_PML4, "the VMM's PML4").to_le_bytes());
+    c.extend_from_slice(&[0x0f, 0x22, 0xd8]); // mov cr3, eax
+    c.extend_from_slice(&[0x66, 0xb9, 0x80, 0, 0, 0xc0]); // mov ecx, IA32_EFER
+    c.extend_from_slice(&[0x66, 0x31, 0xd2]); // xor edx, edx
+    c.extend_from_slice(&[0x66, 0xb8, 0, 0x01, 0, 0]); // mov eax, EFER.LME
+    c.extend_from_slice(&[0x0f, 0x30]); // wrmsr
+    c.extend_from_slice(&[0x66, 0xb8, 0x11, 0, 0, 0x80]); // mov eax, PG | ET | PE
+    c.extend_from_slice(&[0x0f, 0x22, 0xc0]); // mov cr0, eax
+    c.extend_from_slice(&[0x66, 0xea]); // jmp far ptr16:32
+    c.extend_from_slice(&abs(TRAMPOLINE_CODE64).to_le_bytes());
+    c.extend_from_slice(&CODE64_SELECTOR.to_le_bytes());
+    c
+}
+
+/// The AP trampoline page's contents: [`trampoline16`], the GDT and its pointer, then
+/// `code64` (position-independent long-mode code) at `TRAMPOLINE_CODE64`.
+fn ap_trampoline(code64: &[u8]) -> Vec<u8> {
+    let mut t = trampoline16();
+    assert!(
+        len_u64(&t) <= TRAMPOLINE_GDT,
+        "the 16-bit start fits before the GDT"
+    );
+    t.resize(at_usize(TRAMPOLINE_GDT), 0);
+    for entry in TRAMPOLINE_GDT_ENTRIES {
+        t.extend_from_slice(&entry.to_le_bytes());
+    }
+    assert_eq!(len_u64(&t), TRAMPOLINE_GDT_POINTER);
+    let limit = u16::try_from(TRAMPOLINE_GDT_ENTRIES.len() * 8 - 1).expect("3 entries");
+    t.extend_from_slice(&limit.to_le_bytes());
+    t.extend_from_slice(&u32_of(AP_TRAMPOLINE + TRAMPOLINE_GDT, "the GDT").to_le_bytes());
+    t.resize(at_usize(TRAMPOLINE_CODE64), 0);
+    t.extend_from_slice(code64);
+    assert!(len_u64(&t) <= PAGE, "the AP trampoline fits in a page");
+    t
+}
+
+/// An AP's long-mode code in the trampoline (position-independent: no data, relative
+/// jumps only): flat data segments; `i` = its LAPIC ID (parked unless below `cpus`);
+/// RSP = the top of the page at `COUNTER_ADDR + i * 4096`, less the two qwords there:
+/// `COUNTER_ADDR + 8 * i` and the first of its `per_cpu` pages of `pages`; then the
+/// counter loop on those, without a line.
+fn ap_code(pages: &Pages, per_cpu: u64, cpus: u32) -> Vec<u8> {
+    let mut a = Asm::new(true);
+    let park = a.label();
+    a.mov_r32(Reg::Ax, DATA_SELECTOR);
+    a.mov_sreg(Sreg::Ds, Reg::Ax);
+    a.mov_sreg(Sreg::Es, Reg::Ax);
+    a.mov_sreg(Sreg::Ss, Reg::Ax);
+    a.mov_r32(Reg::Si, LAPIC + LAPIC_ID);
+    a.load32(Reg::Ax, Reg::Si);
+    a.shift32(Shift::Shr, Reg::Ax, 24);
+    a.alu32_imm8(
+        AluImm::Cmp,
+        Reg::Ax,
+        i8::try_from(cpus).expect("at most 16 vCPUs"),
+    );
+    a.jcc(Cond::AboveOrEqual, park);
+    a.alu32(Alu::Mov, Reg::Dx, Reg::Ax);
+    a.shift32(Shift::Shl, Reg::Dx, 12);
+    a.add32_imm32(Reg::Dx, u32_of(COUNTER_ADDR + PAGE - 16, "the AP stacks"));
+    a.alu32(Alu::Mov, Reg::Sp, Reg::Dx);
+    a.lea32_index8(
+        Reg::Cx,
+        Reg::Ax,
+        u32_of(COUNTER_ADDR, "the counter address"),
+    );
+    a.store_stack(0, Reg::Cx);
+    a.mov_r64(Reg::Cx, per_cpu * pages.stride);
+    a.imul(Reg::Cx, Reg::Ax);
+    a.mov_r64(Reg::Dx, pages.start);
+    a.alu(Alu::Add, Reg::Cx, Reg::Dx);
+    a.store_stack(8, Reg::Cx);
+    let mine = Pages {
+        count: per_cpu,
+        ..*pages
+    };
+    a.counter(&mine, 1, None, true);
+    a.bind(park);
+    a.park();
+    a.link(&[], None)
+}
+
+fn at_usize(v: u64) -> usize {
+    usize::try_from(v).expect("a trampoline offset fits in usize")
 }
 
 fn low32(v: u64) -> u32 {
@@ -1327,6 +1747,236 @@ mod tests {
             "lidt ds:0x0",
             |a| a.lidt(Target::Data(0)),
         );
+    }
+
+    #[test]
+    fn smp_encodings_match_the_reference_disassembler() {
+        // The AP's long-mode start and the BSP's trampoline copy (GNU as 2.x,
+        // `.intel_syntax noprefix`, `.code64`).
+        check(true, &[0x8e, 0xd8], "mov ds,eax", |a| {
+            a.mov_sreg(Sreg::Ds, Reg::Ax)
+        });
+        check(true, &[0x8e, 0xc0], "mov es,eax", |a| {
+            a.mov_sreg(Sreg::Es, Reg::Ax)
+        });
+        check(true, &[0x8e, 0xd0], "mov ss,eax", |a| {
+            a.mov_sreg(Sreg::Ss, Reg::Ax)
+        });
+        check(true, &[0x8b, 0x06], "mov eax,DWORD PTR [rsi]", |a| {
+            a.load32(Reg::Ax, Reg::Si)
+        });
+        check(true, &[0xc1, 0xe8, 0x18], "shr eax,0x18", |a| {
+            a.shift32(Shift::Shr, Reg::Ax, 24)
+        });
+        check(true, &[0xc1, 0xe2, 0x0c], "shl edx,0xc", |a| {
+            a.shift32(Shift::Shl, Reg::Dx, 12)
+        });
+        let add = [0x81, 0xc2, 0xf0, 0x0f, 0x01, 0x00];
+        check(true, &add, "add edx,0x10ff0", |a| {
+            a.add32_imm32(Reg::Dx, 0x1_0ff0)
+        });
+        check(true, &[0x89, 0xd4], "mov esp,edx", |a| {
+            a.alu32(Alu::Mov, Reg::Sp, Reg::Dx)
+        });
+        let lea = [0x8d, 0x0c, 0xc5, 0x00, 0x00, 0x01, 0x00];
+        check(true, &lea, "lea ecx,[rax*8+0x10000]", |a| {
+            a.lea32_index8(Reg::Cx, Reg::Ax, 0x1_0000)
+        });
+        check(
+            true,
+            &[0x48, 0x89, 0x0c, 0x24],
+            "mov QWORD PTR [rsp],rcx",
+            |a| a.store_stack(0, Reg::Cx),
+        );
+        check(
+            true,
+            &[0x48, 0x89, 0x4c, 0x24, 0x08],
+            "mov QWORD PTR [rsp+0x8],rcx",
+            |a| a.store_stack(8, Reg::Cx),
+        );
+        check(
+            true,
+            &[0x48, 0x8b, 0x3c, 0x24],
+            "mov rdi,QWORD PTR [rsp]",
+            |a| a.load_stack(Reg::Di, 0),
+        );
+        check(
+            true,
+            &[0x48, 0x8b, 0x7c, 0x24, 0x08],
+            "mov rdi,QWORD PTR [rsp+0x8]",
+            |a| a.load_stack(Reg::Di, 8),
+        );
+        check(true, &[0x48, 0x0f, 0xaf, 0xc8], "imul rcx,rax", |a| {
+            a.imul(Reg::Cx, Reg::Ax)
+        });
+        check(
+            true,
+            &[0xf3, 0xa4],
+            "rep movs BYTE PTR es:[rdi],BYTE PTR ds:[rsi]",
+            |a| a.rep_movsb(),
+        );
+        let mut a = Asm::new(true);
+        let l = a.label();
+        a.jcc(Cond::AboveOrEqual, l);
+        assert_eq!(&a.code[..2], &[0x0f, 0x83], "jae rel32");
+    }
+
+    #[test]
+    fn ap_trampoline_starts_with_the_reference_real_mode_code() {
+        // `as --32` of `.code16`: cli; xor ax,ax; mov ds,ax; data32 lgdt ds:0x1058;
+        // mov eax,0x20; mov cr4,eax; mov eax,0x9000; mov cr3,eax; mov ecx,0xc0000080;
+        // xor edx,edx; mov eax,0x100; wrmsr; mov eax,0x80000011; mov cr0,eax;
+        // ljmpl $0x8,$0x1060 (objdump -m i8086: "jmp 0x8:0x1060").
+        let want = [
+            0xfa, 0x31, 0xc0, 0x8e, 0xd8, 0x66, 0x0f, 0x01, 0x16, 0x58, 0x10, 0x66, 0xb8, 0x20,
+            0x00, 0x00, 0x00, 0x0f, 0x22, 0xe0, 0x66, 0xb8, 0x00, 0x90, 0x00, 0x00, 0x0f, 0x22,
+            0xd8, 0x66, 0xb9, 0x80, 0x00, 0x00, 0xc0, 0x66, 0x31, 0xd2, 0x66, 0xb8, 0x00, 0x01,
+            0x00, 0x00, 0x0f, 0x30, 0x66, 0xb8, 0x11, 0x00, 0x00, 0x80, 0x0f, 0x22, 0xc0, 0x66,
+            0xea, 0x60, 0x10, 0x00, 0x00, 0x08, 0x00,
+        ];
+        assert_eq!(AP_TRAMPOLINE, 0x1000, "the reference bytes' addresses");
+        assert_eq!(trampoline16(), want);
+        let t = ap_trampoline(&[0xf4]);
+        assert_eq!(&t[..want.len()], &want);
+        // The GDT (the VMM's 64-bit code and data descriptors), its pointer, the code.
+        assert_eq!(u64_at(&t, 0x40), 0);
+        assert_eq!(u64_at(&t, 0x48), 0x00af_9b00_0000_ffff);
+        assert_eq!(u64_at(&t, 0x50), 0x00cf_9300_0000_ffff);
+        assert_eq!(u16_at(&t, 0x58), 23);
+        assert_eq!(u32_at(&t, 0x5a), 0x1040);
+        assert_eq!(&t[0x60..], &[0xf4]);
+    }
+
+    #[test]
+    fn ap_code_picks_its_pages_from_its_lapic_id() {
+        let pages = Pages {
+            start: 16 << 20,
+            count: 3 * 256,
+            stride: 0x1000,
+            bytes: COUNTER_BYTES,
+        };
+        let code = ap_code(&pages, 256, 3);
+        let want = [
+            &[0xb8, 0x10, 0, 0, 0][..],            // mov eax, 0x10
+            &[0x8e, 0xd8, 0x8e, 0xc0, 0x8e, 0xd0], // mov ds/es/ss, eax
+            &[0xbe, 0x20, 0x00, 0xe0, 0xfe],       // mov esi, 0xfee00020
+            &[0x8b, 0x06, 0xc1, 0xe8, 0x18],       // mov eax, [rsi]; shr eax, 24
+            &[0x83, 0xf8, 0x03, 0x0f, 0x83],       // cmp eax, 3; jae park
+        ]
+        .concat();
+        assert_eq!(&code[..want.len()], &want[..]);
+        let after_jae = &code[want.len() + 4..];
+        let stack = [
+            &[0x89, 0xc2, 0xc1, 0xe2, 0x0c][..], // mov edx, eax; shl edx, 12
+            &[0x81, 0xc2, 0xf0, 0x0f, 0x01, 0x00], // add edx, 0x10ff0
+            &[0x89, 0xd4],                       // mov esp, edx
+            &[0x8d, 0x0c, 0xc5, 0x00, 0x00, 0x01, 0x00], // lea ecx, [rax*8+0x10000]
+            &[0x48, 0x89, 0x0c, 0x24],           // mov [rsp], rcx
+            &[0x48, 0xb9, 0x00, 0x00, 0x10, 0, 0, 0, 0, 0], // movabs rcx, 256 pages
+            &[0x48, 0x0f, 0xaf, 0xc8],           // imul rcx, rax
+            &[0x48, 0xba, 0x00, 0x00, 0x00, 0x01, 0, 0, 0, 0], // movabs rdx, 16 MiB
+            &[0x48, 0x01, 0xd1],                 // add rcx, rdx
+            &[0x48, 0x89, 0x4c, 0x24, 0x08],     // mov [rsp+8], rcx
+            // The counter: xor ebx, ebx; inc rbx; mov rdi, [rsp]; mov [rdi], rbx.
+            &[
+                0x31, 0xdb, 0x48, 0xff, 0xc3, 0x48, 0x8b, 0x3c, 0x24, 0x48, 0x89, 0x1f,
+            ],
+        ]
+        .concat();
+        assert_eq!(&after_jae[..stack.len()], &stack[..]);
+        // No print (no port I/O: no `out dx, al` after `mov dx, imm16`).
+        assert!(!code.windows(2).any(|w| w == [0x66, 0xba]), "{code:x?}");
+        assert!(code.len() < 0x200);
+    }
+
+    #[test]
+    fn smp_counter_starts_the_aps_then_counts_as_vcpu_0() {
+        let f = TinyGuest::new(Mode::Long)
+            .counter_smp(16 << 20, 256, 0x1000, 10, 3)
+            .build();
+        let image = image_of(&f);
+        // mov edi, LAPIC SVR; mov dword [rdi+0], 0x1ff; cld; mov esi, trampoline;
+        // mov edi, 0x1000; mov ecx, len; rep movsb.
+        let svr = [
+            &[
+                0xbf, 0xf0, 0x00, 0xe0, 0xfe, 0xc7, 0x47, 0x00, 0xff, 0x01, 0, 0,
+            ][..],
+            &[0xfc, 0xbe],
+        ]
+        .concat();
+        assert_eq!(&image[..svr.len()], &svr[..]);
+        let src = u64::from(u32_at(image, svr.len()));
+        let rest = &image[svr.len() + 4..];
+        assert_eq!(rest[..5], [0xbf, 0x00, 0x10, 0x00, 0x00]);
+        assert_eq!(rest[5], 0xb9);
+        let len = at(u64::from(u32_at(rest, 6)));
+        assert_eq!(&rest[10..12], &[0xf3, 0xa4]);
+        let trampoline = &image[at(src - LOAD_ADDR)..][..len];
+        assert_eq!(&trampoline[..0x3f], &trampoline16()[..]);
+        // INIT to APIC IDs 1 and 2: mov edi, ICR low; ICR high = id << 24; ICR low.
+        let init = |id: u8| {
+            [
+                &[0xbf, 0x00, 0x03, 0xe0, 0xfe][..],
+                &[0xc7, 0x47, 0x10, 0, 0, 0, id],
+                &[0xc7, 0x47, 0x00, 0x00, 0x45, 0, 0],
+            ]
+            .concat()
+        };
+        let rest = &rest[12..];
+        assert_eq!(&rest[..38], &[init(1), init(2)].concat()[..]);
+        // Start-up IPIs with vector 1, twice.
+        let sipi = [0xc7, 0x47, 0x00, 0x01, 0x46, 0, 0];
+        let sipis = image.windows(sipi.len()).filter(|w| *w == sipi).count();
+        assert_eq!(sipis, 4, "2 APs x 2 start-up IPIs");
+        // vCPU 0 prints: its counter's pass line is in the data.
+        assert!(image.windows(5).any(|w| w == b"pass "));
+        assert!(image.len() < 0x1000, "no page tables");
+    }
+
+    #[test]
+    fn smp_counter_on_one_vcpu_sends_no_ipi() {
+        let f = TinyGuest::new(Mode::Long)
+            .counter_smp(16 << 20, 4, 0x1000, 1, 1)
+            .build();
+        let image = image_of(&f);
+        let icr = [0xbf, 0x00, 0x03, 0xe0, 0xfe];
+        assert!(!image.windows(icr.len()).any(|w| w == icr));
+    }
+
+    #[test]
+    #[should_panic(expected = "long mode only")]
+    fn smp_counter_is_long_mode_only() {
+        let _ = TinyGuest::new(Mode::Pvh).counter_smp(16 << 20, 4, 0x1000, 1, 2);
+    }
+
+    #[test]
+    #[should_panic(expected = "1..=16 vCPUs, not 17")]
+    fn smp_counter_runs_on_at_most_16_vcpus() {
+        let _ = TinyGuest::new(Mode::Long).counter_smp(16 << 20, 4, 0x1000, 1, 17);
+    }
+
+    #[test]
+    #[should_panic(expected = "go beyond 4 GiB")]
+    fn smp_counter_stays_below_4gib() {
+        let _ = TinyGuest::new(Mode::Long).counter_smp(0xffff_8000, 8, 0x1000, 1, 2);
+    }
+
+    #[test]
+    #[should_panic(expected = "overlap the pass numbers, stacks")]
+    fn smp_counter_pages_never_cover_the_stacks() {
+        // vCPU 2's stack page is 0x12000.
+        let _ = TinyGuest::new(Mode::Long)
+            .counter_smp(0x12000, 1, 0x1000, 1, 3)
+            .build();
+    }
+
+    #[test]
+    #[should_panic(expected = "must be the last step")]
+    fn nothing_follows_an_smp_counter() {
+        let _ = TinyGuest::new(Mode::Long)
+            .counter_smp(16 << 20, 1, 0x1000, 1, 2)
+            .print("never\n")
+            .build();
     }
 
     #[test]

@@ -3,7 +3,7 @@
 //! and MP tables, the e820 map and the devices agree.
 //!
 //! ```text
-//! 0x0000_0500  GDT (4 entries), IDT (empty) right after it
+//! 0x0000_0500  GDT (5 entries), IDT (empty) right after it
 //! 0x0000_6000  PVH hvm_start_info, then its memory map
 //! 0x0000_7000  Linux boot_params ("zero page")
 //! 0x0000_8ff0  boot stack pointer (grows down)
@@ -17,10 +17,11 @@
 //! 0x1_0000_0000 RAM beyond 3 GiB continues here
 //! ```
 
-/// GDT: null, 64-bit code (0x08), data (0x10), TSS (0x18); see `regs.rs`.
+/// GDT: null, 64-bit code (0x08), data (0x10), TSS (0x18), 32-bit code (0x20); see
+/// `regs.rs`.
 pub const BOOT_GDT_START: u64 = 0x500;
 /// IDT (limit 0: any exception before the guest sets its own is a triple fault).
-pub const BOOT_IDT_START: u64 = 0x520;
+pub const BOOT_IDT_START: u64 = 0x528;
 /// PVH `hvm_start_info`, followed by its memory map entries.
 pub const PVH_INFO_START: u64 = 0x6000;
 /// Linux `boot_params`.

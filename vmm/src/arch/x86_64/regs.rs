@@ -43,6 +43,9 @@ const GDT: [(u16, u32, u32); 5] = [
     (0x808b, 0, 0xfffff),
     (0xc09b, 0, 0xfffff),
 ];
+// The IDT is written right after the GDT: it must not cover its last entry (the
+// 32-bit code segment PVH enters through).
+const _: () = assert!(BOOT_GDT_START + GDT.len() as u64 * 8 <= BOOT_IDT_START);
 
 /// Errors of the start-state setup.
 #[derive(Debug, thiserror::Error)]
@@ -286,6 +289,22 @@ mod tests {
         let entry = gdt_entry(0x93, 0x1234_5678, 0xabcde);
         let seg = segment(DATA_SELECTOR, entry);
         assert_eq!((seg.base, seg.limit, seg.g), (0x1234_5678, 0xabcde, 0));
+    }
+
+    #[test]
+    fn every_gdt_entry_survives_the_idt_written_after_it() {
+        let ram = GuestRam::new(LockMode::Range, &[(0, 1 << 20)]).unwrap();
+        write_boot_tables(&ram).unwrap();
+        for (i, &(f, b, l)) in GDT.iter().enumerate() {
+            let entry: u64 = ram.read_obj(BOOT_GDT_START + i as u64 * 8).unwrap();
+            assert_eq!(entry, gdt_entry(f, b, l), "GDT entry {i}");
+        }
+        // The 32-bit code segment PVH enters through is a real descriptor.
+        assert_eq!(
+            ram.read_obj::<u64>(BOOT_GDT_START + u64::from(CODE32_SELECTOR))
+                .unwrap(),
+            0x00cf_9b00_0000_ffff
+        );
     }
 
     #[test]
