@@ -650,3 +650,98 @@ fn a_postcopy_cut_mid_way_resumes_with_no_page_lost_or_placed_twice() {
     let all = parse_counter_lines(&format!("{at_switch}{}", read(&dst_log))).unwrap();
     check_consecutive(&all, PRINT_EVERY).unwrap();
 }
+
+/// Three vCPUs count over their own pages at once, so after the switch-over several of
+/// them fault on missing pages at the same time, resolved by two handler threads
+/// under per-page write locks: every page still arrives exactly once and as the
+/// source had it, and all three go on counting (their dirty pages after the
+/// migration cover all three ranges).
+#[test]
+fn three_vcpus_faulting_at_once_migrate_in_postcopy() {
+    let dir = Scratch::new("postcopy-smp");
+    let guest = TinyGuest::new(Mode::Long).counter_smp(16 * MIB, 1024, 4096, PRINT_EVERY, 3);
+    let kernel = dir.path("smp.elf");
+    guest.write_to(&kernel).unwrap();
+    let kernel = kernel.to_str().unwrap().to_string();
+    let (src_log, dst_log) = (dir.path("src.console"), dir.path("dst.console"));
+    let (src_api, dst_api) = (dir.s("src.api"), dir.s("dst.api"));
+    let mig = format!("unix:{}", dir.s("mig.sock"));
+    let mut dst = spawn_destination_with(
+        &dir,
+        "dst",
+        &mig,
+        &dst_log,
+        &dst_api,
+        &["--postcopy-handlers", "2"],
+    );
+    let serial = format!("file:{}", src_log.display());
+    let mut src = Proc::spawn(
+        &[
+            "run",
+            "--kernel",
+            &kernel,
+            "--memory",
+            "256M",
+            "--cpus",
+            "3",
+            "--serial",
+            &serial,
+            "--api-socket",
+            &src_api,
+        ],
+        &dir.path("src.err"),
+    );
+    wait_for(Duration::from_secs(30), "the source guest to print", || {
+        lines(&src_log) >= 3
+    });
+    let out = ctl(
+        &src_api,
+        &["migrate", "send", "--postcopy", "--verify", &mig],
+    );
+    assert!(
+        out.status.success(),
+        "{}\n{}\n{}",
+        text(&out),
+        src.stderr(),
+        dst.stderr()
+    );
+    assert_eq!(
+        src.wait(Duration::from_secs(30)),
+        Some(0),
+        "{}",
+        src.stderr()
+    );
+    let at_switch = read(&src_log);
+    let st = ctl_json(&dst_api, &["migrate", "status"]);
+    let pc = &st["postcopy"];
+    assert_eq!(pc["phase"], "completed", "{st}");
+    assert_eq!(pc["digest_mismatches"], 0, "{st}");
+    let pages = 256 * MIB / 4096;
+    let placed = pc["demand_pages"].as_u64().unwrap() + pc["background_pages"].as_u64().unwrap();
+    assert_eq!(placed, pages, "{st}");
+    assert_eq!(pc["verified_pages"].as_u64().unwrap(), pages, "{st}");
+    assert!(pc["demand_pages"].as_u64().unwrap() > 0, "{st}");
+    eprintln!("3 vCPUs, 2 handlers: {pc}");
+    // All three vCPUs run on the destination: their pages are written again.
+    assert!(ctl(&dst_api, &["dirty", "start"]).status.success());
+    std::thread::sleep(Duration::from_millis(700));
+    let harvest = ctl_json(&dst_api, &["dirty", "harvest"]);
+    assert!(
+        harvest["pages"].as_u64().unwrap() >= 3 * 1024,
+        "three vCPUs' pages: {harvest}"
+    );
+    wait_for(
+        Duration::from_secs(30),
+        "the destination guest to print",
+        || lines(&dst_log) >= 3,
+    );
+    assert!(ctl(&dst_api, &["vm", "shutdown"]).status.success());
+    assert_eq!(
+        dst.wait(Duration::from_secs(20)),
+        Some(0),
+        "{}",
+        dst.stderr()
+    );
+    let all = parse_counter_lines(&format!("{at_switch}{}", read(&dst_log))).unwrap();
+    check_consecutive(&all, PRINT_EVERY).unwrap();
+}
