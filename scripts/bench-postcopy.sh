@@ -17,6 +17,8 @@
 #   --memory SIZE     guest memory (default 1G)
 #   --busy-pages N    pages the guest rewrites per pass (default 16384)
 #   --links LIST      comma-separated: loopback,10g (default both)
+#   --cpus N          vCPUs, each rewriting --busy-pages pages of its own, so that
+#                     several fault at once on the destination (default 1)
 #   -h, --help        this text
 # Needs: root (for the namespaces), iproute2 (ip, tc), cargo, python3, /dev/kvm.
 # Exit status 0 if every migration completed, 1 if any failed, 2 on a bad option.
@@ -32,17 +34,19 @@ rounds=3
 memory=1G
 busy_pages=16384
 links="loopback,10g"
+cpus=1
 while [ $# -gt 0 ]; do
     case "$1" in
         --rounds) [ $# -ge 2 ] || usage_error "--rounds needs a value"; rounds="$2"; shift 2 ;;
         --memory) [ $# -ge 2 ] || usage_error "--memory needs a value"; memory="$2"; shift 2 ;;
         --busy-pages) [ $# -ge 2 ] || usage_error "--busy-pages needs a value"; busy_pages="$2"; shift 2 ;;
         --links) [ $# -ge 2 ] || usage_error "--links needs a value"; links="$2"; shift 2 ;;
+        --cpus) [ $# -ge 2 ] || usage_error "--cpus needs a value"; cpus="$2"; shift 2 ;;
         -h | --help) sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
         *) usage_error "unknown option $1" ;;
     esac
 done
-for n in "$rounds" "$busy_pages"; do
+for n in "$rounds" "$busy_pages" "$cpus"; do
     [[ "$n" =~ ^[1-9][0-9]*$ ]] || usage_error "'$n' is not a positive number"
 done
 [ -e /dev/kvm ] || die "no /dev/kvm on this host"
@@ -65,7 +69,7 @@ cleanup() {
     rm -rf "$work"
 }
 trap cleanup EXIT
-"$tiny" counter --out "$work/busy.elf" --pages "$busy_pages" --print-every 100000
+"$tiny" counter --out "$work/busy.elf" --pages "$busy_pages" --print-every 100000 --cpus "$cpus"
 
 case ",$links," in *,10g,*)
     ip netns add "$nsa"
@@ -83,10 +87,10 @@ case ",$links," in *,10g,*)
     say "10g link: $nsa 10.77.0.1 <-> $nsb 10.77.0.2, tbf rate 10gbit both ways"
 esac
 
-python3 - "$rangevm" "$work" "$rounds" "$memory" "$links" "$nsa" "$nsb" <<'PY'
+python3 - "$rangevm" "$work" "$rounds" "$memory" "$links" "$nsa" "$nsb" "$cpus" <<'PY'
 import json, os, socket, statistics, subprocess, sys, time
 
-rangevm, work, rounds, memory, links, nsa, nsb = sys.argv[1:8]
+rangevm, work, rounds, memory, links, nsa, nsb, cpus = sys.argv[1:9]
 rounds = int(rounds)
 
 def free_port():
@@ -112,7 +116,7 @@ def one(link, handlers, lock, n):
     derr = open(f"{work}/d{n}.err", "w+")
     dst = subprocess.Popen(wrap_dst + [rangevm, "run", "--incoming", f"tcp:{host}:{port}", "--serial", "null",
                            "--api-socket", dst_api, "--mem-lock", lock, "--postcopy-handlers", str(handlers)], stderr=derr)
-    src = subprocess.Popen(wrap_src + [rangevm, "run", "--kernel", f"{work}/busy.elf", "--memory", memory,
+    src = subprocess.Popen(wrap_src + [rangevm, "run", "--kernel", f"{work}/busy.elf", "--memory", memory, "--cpus", cpus,
                            "--serial", "null", "--api-socket", src_api], stderr=subprocess.DEVNULL)
     try:
         wait_for(lambda: os.path.exists(src_api) and "waiting" in open(derr.name).read(), 20, "both VMMs")
@@ -153,7 +157,7 @@ for (link, handlers, lock) in configs:
     rows.append(((link, handlers, lock), runs))
 
 med = lambda xs: statistics.median(xs) if xs else float("nan")
-print(f"\nPostcopy (migrate send --postcopy) of a {memory} tiny guest; medians of {rounds} (all runs in brackets)\n")
+print(f"\nPostcopy (migrate send --postcopy) of a {memory} tiny guest with {cpus} vCPU(s); medians of {rounds} (all runs in brackets)\n")
 print("| link | handlers | lock | demand p50 us | demand p99 us | demand faults/s | on demand | background | postcopy ms | downtime ms |")
 print("|---|---|---|---|---|---|---|---|---|---|")
 for (link, h, lock), runs in rows:

@@ -2,13 +2,14 @@
 //! that measure rangevm with the same guests the tests use.
 //!
 //! ```text
-//! tiny-guest counter --out FILE [--start ADDR] [--pages N] [--stride BYTES] [--print-every N]
+//! tiny-guest counter --out FILE [--start ADDR] [--pages N] [--stride BYTES] [--print-every N] [--cpus N]
 //! ```
 //!
 //! `counter`: a guest that counts passes forever, writing its pass number into each of
 //! `--pages` pages from `--start` (default 16 MiB, 1 page, stride 4096) and printing
 //! `pass N` every `--print-every` passes (default 1024). One page is an idle guest; many
-//! pages a busy one.
+//! pages a busy one. With `--cpus N` (2 to 16), every vCPU counts over `--pages` pages of
+//! its own (run it with `rangevm run --cpus N`); only vCPU 0 prints.
 
 use std::process::ExitCode;
 
@@ -33,15 +34,15 @@ fn number(s: &str) -> Result<u64, String> {
 
 fn run(args: &[String]) -> Result<(), String> {
     let usage = "usage: tiny-guest counter --out FILE [--start ADDR] [--pages N] \
-                 [--stride BYTES] [--print-every N]";
+                 [--stride BYTES] [--print-every N] [--cpus N]";
     let Some((what, rest)) = args.split_first() else {
         return Err(usage.into());
     };
     if what != "counter" {
         return Err(format!("unknown guest '{what}'; {usage}"));
     }
-    let (mut out, mut start, mut pages, mut stride, mut every) =
-        (None, 16u64 << 20, 1u64, 4096u64, 1024u64);
+    let (mut out, mut start, mut pages, mut stride, mut every, mut cpus) =
+        (None, 16u64 << 20, 1u64, 4096u64, 1024u64, 1u64);
     let mut it = rest.iter();
     while let Some(flag) = it.next() {
         let value = it
@@ -53,6 +54,7 @@ fn run(args: &[String]) -> Result<(), String> {
             "--pages" => pages = number(value)?,
             "--stride" => stride = number(value)?,
             "--print-every" => every = number(value)?,
+            "--cpus" => cpus = number(value)?,
             _ => return Err(format!("unknown option {flag}; {usage}")),
         }
     }
@@ -62,8 +64,19 @@ fn run(args: &[String]) -> Result<(), String> {
             "--pages and --print-every must be > 0, --start and --stride multiples of 4096".into(),
         );
     }
-    TinyGuest::new(Mode::Long)
-        .counter(start, pages, stride, every)
+    let guest = TinyGuest::new(Mode::Long);
+    let guest = match cpus {
+        1 => guest.counter(start, pages, stride, every),
+        2..=16 => guest.counter_smp(
+            start,
+            pages,
+            stride,
+            every,
+            u32::try_from(cpus).unwrap_or(1),
+        ),
+        _ => return Err("--cpus must be 1 to 16".into()),
+    };
+    guest
         .write_to(&out)
         .map_err(|e| format!("cannot write {out}: {e}"))
 }
