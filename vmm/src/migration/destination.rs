@@ -489,7 +489,8 @@ fn receive_one(
         memory >> 20
     );
     // Postcopy: the demand connection, and the fault engine that asks it for the
-    // pages vCPUs touch (nothing touches guest memory before the guest starts).
+    // pages vCPUs touch (and KVM, which may touch guest memory while the state is
+    // restored).
     let mut pc = if postcopy {
         let demand = match accept_demand(listener, signals, &header) {
             Ok(d) => d,
@@ -542,10 +543,12 @@ fn receive_one(
             return Err(refuse(&mut enc, e));
         }
     };
+    // Seal before restoring: restoring may already fault pages in (KVM writes the
+    // kvmclock wall clock into guest memory), and they are counted and verified.
+    let shared = pc.as_mut().map(Postcopy::seal);
     if let Err(e) = incoming.restore(&state) {
         return Err(refuse(&mut enc, e.into()));
     }
-    let shared = pc.as_mut().map(Postcopy::seal);
     if let Some(shared) = &shared {
         // Pages held at switch-over: checked against the digests before the start.
         let (held, stale) = (verified.unwrap_or(0), stale_pages);

@@ -641,11 +641,42 @@ impl Sender {
         send_state(&mut enc, &state)?;
         enc.send(&Message::Complete)?;
         enc.flush()?;
+        // Serve page requests from now on: restoring the state may already touch guest
+        // memory on the destination (KVM writes the kvmclock wall clock into the guest
+        // when its MSR is restored), before the guest runs and before `Ack(Running)`.
+        let mut sent = Arc::new(match &stale {
+            // After precopy rounds the destination holds every page but the stale ones.
+            Some(stale) => SentMap::all_but(&self.ram, stale),
+            None => SentMap::new(&self.ram),
+        });
+        let mut link = DemandLink {
+            stream: demand,
+            dec: ddec,
+            enc: denc,
+        };
+        link.stream
+            .set_timeouts(None, Some(WRITE_TIMEOUT))
+            .map_err(SourceError::Socket)?;
+        let demand_stream = link.stream.try_clone().map_err(SourceError::Socket)?;
+        postcopy_source::spawn_demand(
+            link.dec,
+            link.enc.into_inner(),
+            Arc::clone(&self.ram),
+            Arc::clone(&sent),
+            self.status.clone(),
+        )
+        .map_err(SourceError::Socket)?;
+        link.stream = demand_stream;
         dec.get_mut()
             .get_ref()
             .set_timeouts(Some(RUNNING_TIMEOUT), Some(WRITE_TIMEOUT))
             .map_err(SourceError::Socket)?;
-        match dec.recv_expecting(&[MessageType::Ack]) {
+        let running = dec.recv_expecting(&[MessageType::Ack]);
+        if !matches!(running, Ok(Message::Ack(AckKind::Running))) {
+            // The guest did not start there (or nobody knows): stop serving it.
+            link.stream.shutdown();
+        }
+        match running {
             Ok(Message::Ack(AckKind::Running)) => {}
             Ok(other) => return Ok(End::Unknown(format!("it answered {other:?}"))),
             Err(ProtocolError::Peer(why)) => return Ok(End::RefusedAfterComplete(why)),
@@ -662,28 +693,7 @@ impl Sender {
             });
         });
         self.write_watch(true);
-        let mut sent = Arc::new(match &stale {
-            // After precopy rounds the destination holds every page but the stale ones.
-            Some(stale) => SentMap::all_but(&self.ram, stale),
-            None => SentMap::new(&self.ram),
-        });
-        let mut link = DemandLink {
-            stream: demand,
-            dec: ddec,
-            enc: denc,
-        };
         loop {
-            link.stream
-                .set_timeouts(None, Some(WRITE_TIMEOUT))
-                .map_err(SourceError::Socket)?;
-            postcopy_source::spawn_demand(
-                link.dec,
-                link.enc.into_inner(),
-                Arc::clone(&self.ram),
-                Arc::clone(&sent),
-                self.status.clone(),
-            )
-            .map_err(SourceError::Socket)?;
             let why = match self.finish_postcopy(&mut enc, &mut dec, &sent) {
                 Ok(()) => return Ok(End::Running),
                 Err(why) => why,
@@ -708,8 +718,20 @@ impl Sender {
                     Ok((e, d, l, map)) => {
                         enc = e;
                         dec = d;
-                        link = l;
                         sent = Arc::new(map);
+                        l.stream
+                            .set_timeouts(None, Some(WRITE_TIMEOUT))
+                            .map_err(SourceError::Socket)?;
+                        let stream = l.stream.try_clone().map_err(SourceError::Socket)?;
+                        postcopy_source::spawn_demand(
+                            l.dec,
+                            l.enc.into_inner(),
+                            Arc::clone(&self.ram),
+                            Arc::clone(&sent),
+                            self.status.clone(),
+                        )
+                        .map_err(SourceError::Socket)?;
+                        link.stream = stream;
                         break;
                     }
                     Err(e) => {
