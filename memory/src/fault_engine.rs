@@ -149,6 +149,8 @@ impl FaultEngine {
             });
         }
         let (uffds, shard_ranges) = Self::shard(&ram, config.shards)?;
+        // From here a missing page that device DMA meets is faulted in and served.
+        ram.set_fault_in_on_dma(true);
         let stop = Arc::new(AtomicBool::new(false));
         let counters = Arc::new(Counters::default());
         let mut engine = FaultEngine {
@@ -285,6 +287,8 @@ impl FaultEngine {
     }
 
     fn shutdown(&mut self) {
+        // Nobody serves faults any more: DMA on a missing page fails again.
+        self.ram.set_fault_in_on_dma(false);
         self.stop.store(true, Ordering::Release);
         for thread in self.threads.drain(..) {
             if thread.join().is_err() {
@@ -404,6 +408,38 @@ mod tests {
         assert!(matches!(
             FaultEngine::start(ram, Arc::new(Pattern), config),
             Err(FaultEngineError::Config { .. })
+        ));
+    }
+
+    #[test]
+    #[cfg_attr(target_arch = "powerpc64", ignore = "qemu-user has no userfaultfd")]
+    fn device_dma_on_a_missing_page_faults_it_in_while_an_engine_serves_the_memory() {
+        let page = host_page_size();
+        let ram = Arc::new(GuestRam::new_missing(LockMode::Range, &[(0, 8 * page)]).unwrap());
+        let mut buf = vec![0u8; usize::try_from(2 * page).unwrap()];
+        // No engine: refused, never a hang.
+        assert!(matches!(
+            ram.read(page, &mut buf),
+            Err(GuestRamError::NotPresent(_))
+        ));
+        let engine = FaultEngine::start(
+            Arc::clone(&ram),
+            Arc::new(Pattern),
+            FaultEngineConfig::default(),
+        )
+        .unwrap();
+        // Two missing pages across the DMA buffer: both are fetched, then read.
+        ram.read(page, &mut buf).unwrap();
+        let (a, b) = buf.split_at(usize::try_from(page).unwrap());
+        assert!(a.iter().all(|&x| x == 2) && b.iter().all(|&x| x == 3));
+        ram.write(5 * page, &[9u8; 16]).unwrap();
+        assert!(ram.is_present(5 * page));
+        let stats = engine.stop();
+        assert_eq!(stats.copied, 3, "{stats:?}");
+        // The engine is gone: DMA on a missing page is refused again.
+        assert!(matches!(
+            ram.read(7 * page, &mut buf[..16]),
+            Err(GuestRamError::NotPresent(_))
         ));
     }
 

@@ -206,6 +206,8 @@ pub struct GuestRam {
     /// Pages start missing and are served by userfaultfd (`new_missing`), until
     /// `finish_missing` (the end of a postcopy migration).
     missing: std::sync::atomic::AtomicBool,
+    /// See [`GuestRam::set_fault_in_on_dma`].
+    fault_in_on_dma: std::sync::atomic::AtomicBool,
     map: ArcSwap<MemoryMap>,
 }
 
@@ -230,6 +232,7 @@ impl GuestRam {
             lock,
             page_size,
             missing: std::sync::atomic::AtomicBool::new(!present),
+            fault_in_on_dma: std::sync::atomic::AtomicBool::new(false),
             map: ArcSwap::from_pointee(MemoryMap::default()),
         };
         for &(start, size) in regions {
@@ -329,10 +332,40 @@ impl GuestRam {
             return Ok(());
         }
         let range = Self::range_of(addr, len)?;
-        let _guard = self.lock.read(range.clone())?;
-        let map = self.map.load();
-        self.check_present(&map, &range)?;
-        access(&map, &range)
+        // A page still missing (postcopy) is faulted in first, with no lock held, when
+        // a fault engine serves this memory; then the DMA goes on under its read lock.
+        let mut tries = usize_of(len as u64 / self.page_size) + 2;
+        loop {
+            let guard = self.lock.read(range.clone())?;
+            let map = self.map.load();
+            match self.check_present(&map, &range) {
+                Ok(()) => return access(&map, &range),
+                Err(GuestRamError::NotPresent(page))
+                    if tries > 0
+                        && self
+                            .fault_in_on_dma
+                            .load(std::sync::atomic::Ordering::Acquire) =>
+                {
+                    drop(guard);
+                    tries -= 1;
+                    // A plain read of one byte: the userfaultfd fault it takes is
+                    // resolved by the fault engine under the page's write lock.
+                    let _: u8 = map
+                        .mem
+                        .read_obj(GuestAddress(page))
+                        .map_err(|source| GuestRamError::Access { addr: page, source })?;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// Postcopy: device DMA that meets a missing page faults it in (through the fault
+    /// engine, which must be running) instead of failing. Off by default, and off again
+    /// once the memory is ordinary.
+    pub fn set_fault_in_on_dma(&self, on: bool) {
+        self.fault_in_on_dma
+            .store(on, std::sync::atomic::Ordering::Release);
     }
 
     /// Fails if `range` is not all guest RAM, or if a page of it is missing (postcopy,

@@ -246,6 +246,7 @@ impl GuestRam {
             r.states.set_present_keep_balloon(0..pages);
         }
         self.missing.store(false, Ordering::Release);
+        self.set_fault_in_on_dma(false);
     }
 }
 
