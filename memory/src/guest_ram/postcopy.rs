@@ -97,38 +97,30 @@ impl GuestRam {
                 })?;
         let base = region.get_mmap().as_ptr() as u64;
         let mut placed = Placed::default();
-        for k in 0..count {
-            let at = gpa + k * page;
-            let index = usize_of((at - r.start) / page);
-            if r.states.is_present(index) {
-                placed.kept += 1;
-                continue;
-            }
-            if r.states.is_ballooned(index) || r.states.is_discarded(index) {
-                placed.dropped += 1;
-                continue;
-            }
-            let host = base + (at - r.start);
-            let filled = match data {
-                Some(d) => {
-                    let off = usize_of(k * page);
-                    let bytes = &d[off..off + usize_of(page)];
-                    // SAFETY: `host .. host + page` is one host page inside this
-                    // region's live mapping (the run was checked to lie inside the
-                    // region), registered with `uffd` by the caller. No Rust reference
-                    // into userfaultfd-served memory exists (this crate reaches it only
-                    // through vm-memory's volatile accesses and the kernel), and the
-                    // run's write lock keeps every other accessor of the crate off it.
-                    unsafe { uffd.copy(host, bytes) }?
+        // Runs of consecutive pages to fill go in one ioctl each (one UFFDIO_COPY or
+        // UFFDIO_ZEROPAGE per run, not per page).
+        let mut run: Option<u64> = None;
+        for k in 0..=count {
+            let fillable = k < count && {
+                let index = usize_of((gpa + k * page - r.start) / page);
+                if r.states.is_present(index) {
+                    placed.kept += 1;
+                    false
+                } else if r.states.is_ballooned(index) || r.states.is_discarded(index) {
+                    placed.dropped += 1;
+                    false
+                } else {
+                    true
                 }
-                // SAFETY: as above.
-                None => unsafe { uffd.zero(host, page) }?,
             };
-            r.states.set_present(index..index + 1);
-            match (filled, data) {
-                (Filled::AlreadyThere, _) => placed.kept += 1,
-                (Filled::Now, Some(_)) => placed.copied += 1,
-                (Filled::Now, None) => placed.zeroed += 1,
+            match (fillable, run) {
+                (true, None) => run = Some(k),
+                (true, Some(_)) => {}
+                (false, Some(first)) => {
+                    run = None;
+                    self.fill_run(uffd, r, base, gpa, first, k, data, &mut placed)?;
+                }
+                (false, None) => {}
             }
         }
         Ok(placed)
@@ -153,6 +145,69 @@ impl GuestRam {
                 .clear_present(usize_of((s - r.start) / page)..usize_of((e - r.start) / page));
             Ok(())
         })
+    }
+
+    /// Fills pages `first..end` of a placement (relative to `gpa`, all missing and not
+    /// discarded, the run's write lock held) with one ioctl, or page by page if the
+    /// kernel already had one of them.
+    #[allow(clippy::too_many_arguments)]
+    fn fill_run(
+        &self,
+        uffd: &Userfaultfd,
+        r: &super::Region,
+        base: u64,
+        gpa: u64,
+        first: u64,
+        end: u64,
+        data: Option<&[u8]>,
+        placed: &mut Placed,
+    ) -> Result<()> {
+        let page = self.page_size;
+        let at = gpa + first * page;
+        let host = base + (at - r.start);
+        let len = (end - first) * page;
+        let bytes =
+            |from: u64, to: u64| data.map(|d| &d[usize_of(from * page)..usize_of(to * page)]);
+        let filled = match bytes(first, end) {
+            // SAFETY: `host .. host + len` is whole host pages inside this region's
+            // live mapping (the run was checked to lie inside the region), registered
+            // with `uffd` by the caller. No Rust reference into userfaultfd-served
+            // memory exists (this crate reaches it only through vm-memory's volatile
+            // accesses and the kernel), and the run's write lock keeps every other
+            // accessor of the crate off it.
+            Some(b) => unsafe { uffd.copy(host, b) }?,
+            // SAFETY: as above.
+            None => unsafe { uffd.zero(host, len) }?,
+        };
+        let index = usize_of((at - r.start) / page);
+        let pages = usize_of(end - first);
+        if filled == Filled::Now {
+            r.states.set_present(index..index + pages);
+            if data.is_some() {
+                placed.copied += end - first;
+            } else {
+                placed.zeroed += end - first;
+            }
+            return Ok(());
+        }
+        // The kernel had one of them (EEXIST, part of the run may be in): page by page.
+        for k in first..end {
+            let one = base + (gpa + k * page - r.start);
+            let f = match bytes(k, k + 1) {
+                // SAFETY: as above, one host page of the run.
+                Some(b) => unsafe { uffd.copy(one, b) }?,
+                // SAFETY: as above.
+                None => unsafe { uffd.zero(one, page) }?,
+            };
+            let i = usize_of((gpa + k * page - r.start) / page);
+            r.states.set_present(i..i + 1);
+            match (f, data) {
+                (Filled::AlreadyThere, _) => placed.kept += 1,
+                (Filled::Now, Some(_)) => placed.copied += 1,
+                (Filled::Now, None) => placed.zeroed += 1,
+            }
+        }
+        Ok(())
     }
 
     /// Whether the page containing `gpa` still has to come from a postcopy source:
