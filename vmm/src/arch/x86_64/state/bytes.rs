@@ -7,6 +7,8 @@ use kvm_bindings::{
     kvm_pit_state2, kvm_regs, kvm_segment, kvm_sregs, kvm_vcpu_events, kvm_xcrs,
     KVM_MAX_CPUID_ENTRIES, KVM_MAX_MSR_ENTRIES,
 };
+// CRC-32 (IEEE 802.3), the one the devices' state uses too.
+use rangevm_devices::persist::crc32;
 
 use super::{
     StateError, VcpuState, VmState, LAPIC_BYTES, MAX_XCRS, STATE_VERSION, XSAVE_LEGACY_WORDS,
@@ -18,30 +20,6 @@ const VM_MAGIC: [u8; 4] = *b"RVVS";
 /// Magic, version, reserved, payload length.
 const HEADER_LEN: usize = 12;
 const CRC_LEN: usize = 4;
-
-/// CRC-32 (IEEE 802.3, reflected, as zlib computes it).
-fn crc32(bytes: &[u8]) -> u32 {
-    const TABLE: [u32; 256] = {
-        let mut table = [0u32; 256];
-        let mut i: u32 = 0;
-        while i < 256 {
-            let mut crc = i;
-            let mut bit = 0;
-            while bit < 8 {
-                crc = (crc >> 1) ^ (0xedb8_8320 & (crc & 1).wrapping_neg());
-                bit += 1;
-            }
-            table[i as usize] = crc;
-            i += 1;
-        }
-        table
-    };
-    let mut crc = !0u32;
-    for &b in bytes {
-        crc = (crc >> 8) ^ TABLE[usize::from(crc.to_le_bytes()[0] ^ b)];
-    }
-    !crc
-}
 
 #[derive(Default)]
 struct Writer(Vec<u8>);
