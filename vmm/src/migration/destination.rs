@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 use rangevm_memory::{GuestRamError, LockMode};
 
 use super::control::{MachineCtl, MachineRequest};
+use super::page_index::PageIndex;
 use super::postcopy_dest::{
     run_background, run_demand_reader, DemandClient, Digests, ResumeHook, Shared,
 };
@@ -242,41 +243,22 @@ fn wait_for_connection_within(
 /// Which pages were written in this migration (a zero run then overwrites them; a
 /// zero run on a page never written leaves it untouched, so it costs no memory).
 struct Written {
-    /// (start, end, index of the first page).
-    regions: Vec<(u64, u64, usize)>,
+    index: PageIndex,
     bits: Vec<u64>,
-    page_shift: u32,
 }
 
 impl Written {
     fn new(regions: &[Region], page_shift: u8) -> Self {
-        let shift = u32::from(page_shift);
-        let mut out = Vec::with_capacity(regions.len());
-        let mut index = 0usize;
-        for r in regions {
-            out.push((r.gpa, r.gpa + r.size, index));
-            index += usize::try_from(r.size >> shift).unwrap_or(0);
-        }
+        let index = PageIndex::new(regions, page_shift);
+        let words = index.pages().div_ceil(64);
         Written {
-            regions: out,
-            bits: vec![0; index.div_ceil(64)],
-            page_shift: shift,
+            index,
+            bits: vec![0; words],
         }
-    }
-
-    fn index(&self, gpa: u64) -> Option<usize> {
-        self.regions
-            .iter()
-            .find(|(s, e, _)| *s <= gpa && gpa < *e)
-            .and_then(|(s, _, i)| {
-                usize::try_from((gpa - s) >> self.page_shift)
-                    .ok()
-                    .map(|o| i + o)
-            })
     }
 
     fn set(&mut self, gpa: u64) {
-        if let Some(i) = self.index(gpa) {
+        if let Some(i) = self.index.index(gpa) {
             if let Some(w) = self.bits.get_mut(i / 64) {
                 *w |= 1 << (i % 64);
             }
@@ -284,7 +266,8 @@ impl Written {
     }
 
     fn get(&self, gpa: u64) -> bool {
-        self.index(gpa)
+        self.index
+            .index(gpa)
             .and_then(|i| self.bits.get(i / 64).map(|w| w & (1 << (i % 64)) != 0))
             .unwrap_or(false)
     }

@@ -5,6 +5,7 @@
 //!   fetch and the resume handshake after a dropped link. No KVM dependency; the byte
 //!   layout and the message order are in `docs/migration-protocol.md`.
 //! - [`transport`]: `tcp:HOST:PORT` and `unix:PATH` addresses and streams.
+//! - [`page_index`]: guest pages numbered across regions, for per-page maps.
 //! - [`status`]: progress and figures for `migrate status` and the progress bar.
 //! - [`control`]: how the migration thread asks the event loop to act on the machine.
 //! - [`source`] and [`destination`]: the two sides of a precopy migration; [`slot`]
@@ -14,6 +15,7 @@
 pub mod control;
 #[cfg(target_arch = "x86_64")]
 pub mod destination;
+pub mod page_index;
 #[cfg(target_arch = "x86_64")]
 pub mod postcopy_dest;
 #[cfg(target_arch = "x86_64")]

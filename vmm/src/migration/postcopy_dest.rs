@@ -22,6 +22,7 @@ use std::time::{Duration, Instant};
 use hdrhistogram::Histogram;
 use rangevm_memory::{FaultEngine, GuestRam, PageContent, PageSource, Placed};
 
+use super::page_index::PageIndex;
 use super::protocol::{
     AckKind, Crc32c, Decoder, Encoder, Message, MessageType, PageData, PageRequest, ProtocolError,
 };
@@ -41,42 +42,21 @@ const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 /// The source's CRC32C of every page at switch-over (`--verify`), by page index.
 #[derive(Debug)]
 pub struct Digests {
-    regions: Vec<(u64, u64, usize)>,
+    index: PageIndex,
     crcs: Vec<u32>,
-    page_shift: u32,
 }
 
 impl Digests {
     /// Room for every page of `ram`, all unknown (0).
     pub fn new(ram: &GuestRam) -> Self {
-        let shift = ram.page_size().trailing_zeros();
-        let mut regions = Vec::new();
-        let mut index = 0usize;
-        for r in ram.regions() {
-            regions.push((r.start, r.end(), index));
-            index += usize::try_from(r.size >> shift).unwrap_or(0);
-        }
-        Digests {
-            regions,
-            crcs: vec![0; index],
-            page_shift: shift,
-        }
-    }
-
-    fn index(&self, gpa: u64) -> Option<usize> {
-        self.regions
-            .iter()
-            .find(|(s, e, _)| *s <= gpa && gpa < *e)
-            .and_then(|(s, _, i)| {
-                usize::try_from((gpa - s) >> self.page_shift)
-                    .ok()
-                    .map(|o| i + o)
-            })
+        let index = PageIndex::of(ram);
+        let crcs = vec![0; index.pages()];
+        Digests { index, crcs }
     }
 
     /// Records the digest of the page at `gpa`; false if it is not guest RAM.
     pub fn set(&mut self, gpa: u64, crc: u32) -> bool {
-        match self.index(gpa).and_then(|i| self.crcs.get_mut(i)) {
+        match self.index.index(gpa).and_then(|i| self.crcs.get_mut(i)) {
             Some(c) => {
                 *c = crc;
                 true
@@ -91,7 +71,8 @@ impl Digests {
     }
 
     fn matches(&self, gpa: u64, page: &[u8]) -> bool {
-        self.index(gpa)
+        self.index
+            .index(gpa)
             .and_then(|i| self.crcs.get(i))
             .is_some_and(|&c| c == Crc32c::of(page))
     }

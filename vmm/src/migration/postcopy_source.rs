@@ -12,6 +12,7 @@ use std::time::Duration;
 
 use rangevm_memory::GuestRam;
 
+use super::page_index::PageIndex;
 use super::protocol::{Decoder, Encoder, Message, MessageType, PageRun, ProtocolError};
 use super::source::is_zero;
 use super::status::{PostcopyStatus, SharedStatus};
@@ -23,25 +24,18 @@ pub const BACKGROUND_RUN_BYTES: u64 = 256 << 10;
 /// One bit per guest page: sent or not.
 #[derive(Debug)]
 pub struct SentMap {
-    regions: Vec<(u64, u64, usize)>,
+    index: PageIndex,
     bits: Vec<AtomicU64>,
-    page_shift: u32,
 }
 
 impl SentMap {
     /// Nothing sent yet, for every page of `ram`.
     pub fn new(ram: &GuestRam) -> Self {
-        let shift = ram.page_size().trailing_zeros();
-        let mut regions = Vec::new();
-        let mut index = 0usize;
-        for r in ram.regions() {
-            regions.push((r.start, r.end(), index));
-            index += usize::try_from(r.size >> shift).unwrap_or(0);
-        }
+        let index = PageIndex::of(ram);
+        let words = index.pages().div_ceil(64);
         SentMap {
-            regions,
-            bits: (0..index.div_ceil(64)).map(|_| AtomicU64::new(0)).collect(),
-            page_shift: shift,
+            index,
+            bits: (0..words).map(|_| AtomicU64::new(0)).collect(),
         }
     }
 
@@ -52,7 +46,7 @@ impl SentMap {
             w.store(u64::MAX, Ordering::Relaxed);
         }
         for &gpa in stale {
-            if let Some(i) = map.index(gpa) {
+            if let Some(i) = map.index.index(gpa) {
                 if let Some(w) = map.bits.get(i / 64) {
                     w.fetch_and(!(1u64 << (i % 64)), Ordering::Relaxed);
                 }
@@ -61,20 +55,9 @@ impl SentMap {
         map
     }
 
-    fn index(&self, gpa: u64) -> Option<usize> {
-        self.regions
-            .iter()
-            .find(|(s, e, _)| *s <= gpa && gpa < *e)
-            .and_then(|(s, _, i)| {
-                usize::try_from((gpa - s) >> self.page_shift)
-                    .ok()
-                    .map(|o| i + o)
-            })
-    }
-
     /// Marks the page at `gpa` sent; true if it was not already (the caller sends it).
     pub fn claim(&self, gpa: u64) -> bool {
-        let Some(i) = self.index(gpa) else {
+        let Some(i) = self.index.index(gpa) else {
             return false;
         };
         let Some(word) = self.bits.get(i / 64) else {
