@@ -8,14 +8,16 @@
 
 #![cfg(target_arch = "x86_64")]
 
-use std::io::{Read, Write};
+mod common;
+
+use std::io::Write;
 use std::net::Shutdown;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
-use std::sync::{Arc, Mutex};
+use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+use common::{ctl, ctl_json, phase, read, status, text, wait_for, Proc, Scratch};
 use rangevm::migration::protocol::{
     encode_to_vec, AckKind, Arch, Crc32c, Decoder, Encoder, Header, Message, PageRun,
     ProtocolError, Region, FRAME_HEADER_LEN, FRAME_TRAILER_LEN,
@@ -24,243 +26,9 @@ use rangevm_tests::tiny::{check_consecutive, parse_counter_lines, Mode, TinyGues
 
 const MIB: u64 = 1 << 20;
 const PRINT_EVERY: u64 = 16;
-/// No child of these tests lives longer than this.
-const CHILD_DEADLINE: Duration = Duration::from_secs(240);
-/// No `rangevm ctl` call takes longer than this.
-const CTL_DEADLINE: Duration = Duration::from_secs(120);
 
 // ---------------------------------------------------------------------------------------
 // Helpers (those of migrate_tiny.rs, with deadlines on every child and every wait).
-
-/// A folder of its own for one test, removed when dropped.
-struct Scratch(PathBuf);
-
-impl Scratch {
-    fn new(test: &str) -> Self {
-        let dir = std::env::temp_dir().join(format!("rangevm-migf-{}-{test}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        Scratch(dir)
-    }
-    fn path(&self, name: &str) -> PathBuf {
-        self.0.join(name)
-    }
-    fn s(&self, name: &str) -> String {
-        self.path(name).to_str().unwrap().to_string()
-    }
-}
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        if std::env::var_os("RANGEVM_KEEP_SCRATCH").is_none() {
-            let _ = std::fs::remove_dir_all(&self.0);
-        }
-    }
-}
-
-/// A child killed when dropped, or by a watchdog once [`CHILD_DEADLINE`] has passed.
-struct Proc {
-    child: Arc<Mutex<Option<Child>>>,
-    stderr_path: PathBuf,
-    name: String,
-}
-
-impl Proc {
-    /// `rangevm ARGS`.
-    fn spawn(args: &[&str], stderr: &Path) -> Self {
-        Self::spawn_program(env!("CARGO_BIN_EXE_rangevm"), args, stderr)
-    }
-
-    fn spawn_program(program: &str, args: &[&str], stderr: &Path) -> Self {
-        let err = std::fs::File::create(stderr).unwrap();
-        let child = Command::new(program)
-            .args(args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(err)
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot start {program} {args:?}: {e}"));
-        let child = Arc::new(Mutex::new(Some(child)));
-        let watched = Arc::downgrade(&child);
-        let name = format!("{program} {}", args.join(" "));
-        let what = name.clone();
-        std::thread::spawn(move || {
-            let start = Instant::now();
-            while start.elapsed() < CHILD_DEADLINE {
-                std::thread::sleep(Duration::from_millis(200));
-                if watched.strong_count() == 0 {
-                    return;
-                }
-            }
-            if let Some(child) = watched.upgrade() {
-                if let Some(c) = child.lock().unwrap().as_mut() {
-                    eprintln!("watchdog: killing `{what}` after {CHILD_DEADLINE:?}");
-                    let _ = c.kill();
-                }
-            }
-        });
-        Proc {
-            child,
-            stderr_path: stderr.to_path_buf(),
-            name,
-        }
-    }
-
-    fn stderr(&self) -> String {
-        std::fs::read_to_string(&self.stderr_path).unwrap_or_default()
-    }
-
-    /// Waits at most `limit` for the exit status (-1 for a signal).
-    fn wait(&mut self, limit: Duration) -> Option<i32> {
-        let start = Instant::now();
-        loop {
-            {
-                let mut guard = self.child.lock().unwrap();
-                let child = guard.as_mut()?;
-                if let Some(status) = child.try_wait().unwrap() {
-                    *guard = None;
-                    return Some(status.code().unwrap_or(-1));
-                }
-            }
-            if start.elapsed() >= limit {
-                return None;
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
-    }
-
-    /// Waits at most `limit`; panics with a message if it is still running.
-    fn exit_code(&mut self, limit: Duration, what: &str) -> i32 {
-        match self.wait(limit) {
-            Some(code) => code,
-            None => panic!(
-                "{what}: `{}` still runs after {limit:?}; its stderr:\n{}",
-                self.name,
-                self.stderr()
-            ),
-        }
-    }
-
-    fn pid(&self) -> u32 {
-        self.child.lock().unwrap().as_ref().map_or(0, Child::id)
-    }
-
-    fn alive(&mut self) -> bool {
-        self.child
-            .lock()
-            .unwrap()
-            .as_mut()
-            .is_some_and(|c| c.try_wait().unwrap().is_none())
-    }
-
-    /// SIGKILL, and reap.
-    fn kill(&mut self) {
-        if let Some(mut c) = self.child.lock().unwrap().take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        self.kill();
-    }
-}
-
-/// Runs `program ARGS` to the end, at most `limit`, collecting its output.
-fn run_with_deadline(program: &str, args: &[&str], limit: Duration) -> Output {
-    let mut child = Command::new(program)
-        .args(args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap_or_else(|e| panic!("cannot start {program} {args:?}: {e}"));
-    let mut out = child.stdout.take().unwrap();
-    let mut err = child.stderr.take().unwrap();
-    let t_out = std::thread::spawn(move || {
-        let mut v = Vec::new();
-        let _ = out.read_to_end(&mut v);
-        v
-    });
-    let t_err = std::thread::spawn(move || {
-        let mut v = Vec::new();
-        let _ = err.read_to_end(&mut v);
-        v
-    });
-    let start = Instant::now();
-    let status = loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            break status;
-        }
-        if start.elapsed() > limit {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!(
-                "`{program} {}` did not end within {limit:?}",
-                args.join(" ")
-            );
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    };
-    Output {
-        status,
-        stdout: t_out.join().unwrap(),
-        stderr: t_err.join().unwrap(),
-    }
-}
-
-fn ctl(socket: &str, args: &[&str]) -> Output {
-    let mut all = vec!["ctl", "--api-socket", socket];
-    all.extend_from_slice(args);
-    run_with_deadline(env!("CARGO_BIN_EXE_rangevm"), &all, CTL_DEADLINE)
-}
-
-fn text(out: &Output) -> String {
-    format!(
-        "exit {:?}\nstdout: {}\nstderr: {}",
-        out.status.code(),
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
-}
-
-/// `ctl ... ARGS` whose stdout is JSON.
-fn ctl_json(socket: &str, args: &[&str]) -> serde_json::Value {
-    let out = ctl(socket, args);
-    assert!(out.status.success(), "ctl {args:?} failed: {}", text(&out));
-    serde_json::from_slice(&out.stdout)
-        .unwrap_or_else(|e| panic!("ctl {args:?} printed no JSON ({e}): {}", text(&out)))
-}
-
-fn status(socket: &str) -> serde_json::Value {
-    ctl_json(socket, &["migrate", "status"])
-}
-
-fn phase(st: &serde_json::Value) -> &str {
-    st["phase"].as_str().unwrap_or("")
-}
-
-fn read(path: &Path) -> String {
-    let mut s = String::new();
-    if let Ok(mut f) = std::fs::File::open(path) {
-        let _ = f.read_to_string(&mut s);
-    }
-    s
-}
-
-/// Waits until `f` holds, at most `limit`.
-fn wait_for(limit: Duration, what: &str, mut f: impl FnMut() -> bool) {
-    let start = Instant::now();
-    while !f() {
-        assert!(
-            start.elapsed() < limit,
-            "timed out after {limit:?} waiting for {what}"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
 
 fn counter_guest(scratch: &Scratch, pages: u64) -> String {
     let guest = TinyGuest::new(Mode::Long).counter(16 * MIB, pages, 4096, PRINT_EVERY);
