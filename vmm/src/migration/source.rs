@@ -649,24 +649,14 @@ impl Sender {
             Some(stale) => SentMap::all_but(&self.ram, stale),
             None => SentMap::new(&self.ram),
         });
-        let mut link = DemandLink {
-            stream: demand,
-            dec: ddec,
-            enc: denc,
-        };
-        link.stream
-            .set_timeouts(None, Some(WRITE_TIMEOUT))
-            .map_err(SourceError::Socket)?;
-        let demand_stream = link.stream.try_clone().map_err(SourceError::Socket)?;
-        postcopy_source::spawn_demand(
-            link.dec,
-            link.enc.into_inner(),
-            Arc::clone(&self.ram),
-            Arc::clone(&sent),
-            self.status.clone(),
-        )
-        .map_err(SourceError::Socket)?;
-        link.stream = demand_stream;
+        let mut demand_stream = self.serve_demand(
+            DemandLink {
+                stream: demand,
+                dec: ddec,
+                enc: denc,
+            },
+            &sent,
+        )?;
         dec.get_mut()
             .get_ref()
             .set_timeouts(Some(RUNNING_TIMEOUT), Some(WRITE_TIMEOUT))
@@ -674,7 +664,7 @@ impl Sender {
         let running = dec.recv_expecting(&[MessageType::Ack]);
         if !matches!(running, Ok(Message::Ack(AckKind::Running))) {
             // The guest did not start there (or nobody knows): stop serving it.
-            link.stream.shutdown();
+            demand_stream.shutdown();
         }
         match running {
             Ok(Message::Ack(AckKind::Running)) => {}
@@ -700,7 +690,7 @@ impl Sender {
             };
             // The link dropped: the guest waits on the destination for pages only this
             // side has. Wait for `migrate resume`, then reconnect and go on.
-            let _ = link.stream.try_clone().map(|s| s.shutdown());
+            demand_stream.shutdown();
             let msg = format!(
                 "Postcopy paused: the link to the destination dropped ({why}); run `migrate resume ADDR` on the destination, then here"
             );
@@ -719,19 +709,7 @@ impl Sender {
                         enc = e;
                         dec = d;
                         sent = Arc::new(map);
-                        l.stream
-                            .set_timeouts(None, Some(WRITE_TIMEOUT))
-                            .map_err(SourceError::Socket)?;
-                        let stream = l.stream.try_clone().map_err(SourceError::Socket)?;
-                        postcopy_source::spawn_demand(
-                            l.dec,
-                            l.enc.into_inner(),
-                            Arc::clone(&self.ram),
-                            Arc::clone(&sent),
-                            self.status.clone(),
-                        )
-                        .map_err(SourceError::Socket)?;
-                        link.stream = stream;
+                        demand_stream = self.serve_demand(l, &sent)?;
                         break;
                     }
                     Err(e) => {
@@ -753,6 +731,23 @@ impl Sender {
             });
             log::info!("Postcopy resumed through {}", self.opts.addr);
         }
+    }
+
+    /// Starts answering page requests on `link`; returns its stream, to shut it down
+    /// when the link is given up.
+    fn serve_demand(&self, link: DemandLink, sent: &Arc<SentMap>) -> Result<Stream, SourceError> {
+        link.stream
+            .set_timeouts(None, Some(WRITE_TIMEOUT))
+            .map_err(SourceError::Socket)?;
+        postcopy_source::spawn_demand(
+            link.dec,
+            link.enc.into_inner(),
+            Arc::clone(&self.ram),
+            Arc::clone(sent),
+            self.status.clone(),
+        )
+        .map_err(SourceError::Socket)?;
+        Ok(link.stream)
     }
 
     /// Pushes every page not sent yet, then waits for the destination to confirm it
