@@ -17,70 +17,15 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{ctl, ctl_json, phase, read, status, text, wait_for, Proc, Scratch};
+use common::*;
 use rangevm::migration::protocol::{
     encode_to_vec, AckKind, Arch, Crc32c, Decoder, Encoder, Header, Message, PageRun,
     ProtocolError, Region, FRAME_HEADER_LEN, FRAME_TRAILER_LEN,
 };
-use rangevm_tests::tiny::{check_consecutive, parse_counter_lines, Mode, TinyGuest};
-
-const MIB: u64 = 1 << 20;
-const PRINT_EVERY: u64 = 16;
+use rangevm_tests::tiny::{check_consecutive, parse_counter_lines};
 
 // ---------------------------------------------------------------------------------------
 // Helpers (those of migrate_tiny.rs, with deadlines on every child and every wait).
-
-fn counter_guest(scratch: &Scratch, pages: u64) -> String {
-    let guest = TinyGuest::new(Mode::Long).counter(16 * MIB, pages, 4096, PRINT_EVERY);
-    let path = scratch.path(&format!("counter{pages}.elf"));
-    guest.write_to(&path).unwrap();
-    path.to_str().unwrap().to_string()
-}
-
-fn lines(path: &Path) -> usize {
-    parse_counter_lines(&read(path))
-        .map(|v| v.len())
-        .unwrap_or(0)
-}
-
-/// `rangevm run` of a counter guest with a serial log and an API socket.
-fn spawn_source(dir: &Scratch, kernel: &str, memory: &str, log: &Path, api: &str) -> Proc {
-    Proc::spawn(
-        &[
-            "run",
-            "--kernel",
-            kernel,
-            "--memory",
-            memory,
-            "--serial",
-            &format!("file:{}", log.display()),
-            "--api-socket",
-            api,
-        ],
-        &dir.path("src.err"),
-    )
-}
-
-/// `rangevm run --incoming ADDR`, waiting until it listens.
-fn spawn_destination(dir: &Scratch, tag: &str, addr: &str, log: &Path, api: &str) -> Proc {
-    let mut dst = Proc::spawn(
-        &[
-            "run",
-            "--incoming",
-            addr,
-            "--serial",
-            &format!("file:{}", log.display()),
-            "--api-socket",
-            api,
-        ],
-        &dir.path(&format!("{tag}.err")),
-    );
-    wait_for(Duration::from_secs(20), "the destination to listen", || {
-        assert!(dst.alive(), "the destination exited: {}", dst.stderr());
-        dst.stderr().contains("waiting for an incoming migration")
-    });
-    dst
-}
 
 /// The source guest keeps printing: at least `more` new lines after `before`, and all
 /// lines so far consecutive.

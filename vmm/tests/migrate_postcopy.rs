@@ -14,75 +14,8 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use common::{ctl, ctl_json, phase, read, status, text, wait_for, Proc, Scratch};
+use common::*;
 use rangevm_tests::tiny::{check_consecutive, parse_counter_lines, Mode, TinyGuest};
-
-const MIB: u64 = 1 << 20;
-const PRINT_EVERY: u64 = 16;
-
-fn lines(path: &Path) -> usize {
-    parse_counter_lines(&read(path))
-        .map(|v| v.len())
-        .unwrap_or(0)
-}
-
-/// `rangevm run` of a counter guest with a serial log and an API socket.
-fn spawn_source(dir: &Scratch, kernel: &str, memory: &str, log: &Path, api: &str) -> Proc {
-    Proc::spawn(
-        &[
-            "run",
-            "--kernel",
-            kernel,
-            "--memory",
-            memory,
-            "--serial",
-            &format!("file:{}", log.display()),
-            "--api-socket",
-            api,
-        ],
-        &dir.path("src.err"),
-    )
-}
-
-/// `rangevm run --incoming ADDR`, waiting until it listens.
-fn spawn_destination(dir: &Scratch, tag: &str, addr: &str, log: &Path, api: &str) -> Proc {
-    spawn_destination_with(dir, tag, addr, log, api, &[])
-}
-
-/// As [`spawn_destination`], with more options.
-fn spawn_destination_with(
-    dir: &Scratch,
-    tag: &str,
-    addr: &str,
-    log: &Path,
-    api: &str,
-    more: &[&str],
-) -> Proc {
-    let serial = format!("file:{}", log.display());
-    let mut args = vec![
-        "run",
-        "--incoming",
-        addr,
-        "--serial",
-        &serial,
-        "--api-socket",
-        api,
-    ];
-    args.extend_from_slice(more);
-    let mut dst = Proc::spawn(&args, &dir.path(&format!("{tag}.err")));
-    wait_for(Duration::from_secs(20), "the destination to listen", || {
-        assert!(dst.alive(), "the destination exited: {}", dst.stderr());
-        dst.stderr().contains("waiting for an incoming migration")
-    });
-    dst
-}
-
-fn counter_guest(scratch: &Scratch, pages: u64) -> String {
-    let guest = TinyGuest::new(Mode::Long).counter(16 * MIB, pages, 4096, PRINT_EVERY);
-    let path = scratch.path(&format!("counter{pages}.elf"));
-    guest.write_to(&path).unwrap();
-    path.to_str().unwrap().to_string()
-}
 
 #[test]
 fn a_counter_guest_migrates_in_postcopy_and_every_page_arrives_as_the_source_had_it() {

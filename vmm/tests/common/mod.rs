@@ -10,6 +10,8 @@ use std::process::{Child, Command, Output, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use rangevm_tests::tiny::{parse_counter_lines, Mode, TinyGuest};
+
 /// No child of these tests lives longer than this.
 pub const CHILD_DEADLINE: Duration = Duration::from_secs(240);
 /// No `rangevm ctl` call takes longer than this.
@@ -243,4 +245,73 @@ pub fn wait_for(limit: Duration, what: &str, mut f: impl FnMut() -> bool) {
         );
         std::thread::sleep(Duration::from_millis(20));
     }
+}
+
+/// 1 MiB.
+pub const MIB: u64 = 1 << 20;
+/// How often the counter guests of these tests print.
+pub const PRINT_EVERY: u64 = 16;
+
+pub fn lines(path: &Path) -> usize {
+    parse_counter_lines(&read(path))
+        .map(|v| v.len())
+        .unwrap_or(0)
+}
+
+/// `rangevm run` of a counter guest with a serial log and an API socket.
+pub fn spawn_source(dir: &Scratch, kernel: &str, memory: &str, log: &Path, api: &str) -> Proc {
+    Proc::spawn(
+        &[
+            "run",
+            "--kernel",
+            kernel,
+            "--memory",
+            memory,
+            "--serial",
+            &format!("file:{}", log.display()),
+            "--api-socket",
+            api,
+        ],
+        &dir.path("src.err"),
+    )
+}
+
+/// `rangevm run --incoming ADDR`, waiting until it listens.
+pub fn spawn_destination(dir: &Scratch, tag: &str, addr: &str, log: &Path, api: &str) -> Proc {
+    spawn_destination_with(dir, tag, addr, log, api, &[])
+}
+
+/// As [`spawn_destination`], with more options.
+pub fn spawn_destination_with(
+    dir: &Scratch,
+    tag: &str,
+    addr: &str,
+    log: &Path,
+    api: &str,
+    more: &[&str],
+) -> Proc {
+    let serial = format!("file:{}", log.display());
+    let mut args = vec![
+        "run",
+        "--incoming",
+        addr,
+        "--serial",
+        &serial,
+        "--api-socket",
+        api,
+    ];
+    args.extend_from_slice(more);
+    let mut dst = Proc::spawn(&args, &dir.path(&format!("{tag}.err")));
+    wait_for(Duration::from_secs(20), "the destination to listen", || {
+        assert!(dst.alive(), "the destination exited: {}", dst.stderr());
+        dst.stderr().contains("waiting for an incoming migration")
+    });
+    dst
+}
+
+pub fn counter_guest(scratch: &Scratch, pages: u64) -> String {
+    let guest = TinyGuest::new(Mode::Long).counter(16 * MIB, pages, 4096, PRINT_EVERY);
+    let path = scratch.path(&format!("counter{pages}.elf"));
+    guest.write_to(&path).unwrap();
+    path.to_str().unwrap().to_string()
 }
