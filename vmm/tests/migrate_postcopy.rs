@@ -15,7 +15,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use common::*;
-use rangevm_tests::tiny::{check_consecutive, parse_counter_lines, Mode, TinyGuest};
+use rangevm_tests::tiny::{Mode, TinyGuest};
 
 #[test]
 fn a_counter_guest_migrates_in_postcopy_and_every_page_arrives_as_the_source_had_it() {
@@ -67,21 +67,7 @@ fn a_counter_guest_migrates_in_postcopy_and_every_page_arrives_as_the_source_had
     );
     assert_eq!(pc["verified_pages"].as_u64().unwrap(), pages, "{st}");
     assert!(pc["demand_p50_us"].as_f64().unwrap() > 0.0, "{st}");
-    wait_for(
-        Duration::from_secs(30),
-        "the destination guest to print",
-        || lines(&dst_log) >= 3,
-    );
-    let out = ctl(&dst_api, &["vm", "shutdown"]);
-    assert!(out.status.success(), "{}", text(&out));
-    assert_eq!(
-        dst.wait(Duration::from_secs(20)),
-        Some(0),
-        "{}",
-        dst.stderr()
-    );
-    let all = parse_counter_lines(&format!("{at_switch}{}", read(&dst_log))).unwrap();
-    check_consecutive(&all, PRINT_EVERY).unwrap();
+    goes_on_and_shuts_down(&mut dst, &dst_api, &dst_log, &at_switch, 3);
     assert!(
         dst.stderr().contains("postcopy complete"),
         "{}",
@@ -199,20 +185,7 @@ fn a_guest_that_does_not_converge_switches_to_postcopy_after_two_rounds() {
         128 * MIB / 4096,
         "{st}"
     );
-    wait_for(
-        Duration::from_secs(30),
-        "the destination guest to print",
-        || lines(&dst_log) >= 3,
-    );
-    assert!(ctl(&dst_api, &["vm", "shutdown"]).status.success());
-    assert_eq!(
-        dst.wait(Duration::from_secs(20)),
-        Some(0),
-        "{}",
-        dst.stderr()
-    );
-    let all = parse_counter_lines(&format!("{at_switch}{}", read(&dst_log))).unwrap();
-    check_consecutive(&all, PRINT_EVERY).unwrap();
+    goes_on_and_shuts_down(&mut dst, &dst_api, &dst_log, &at_switch, 3);
 }
 
 /// A Unix-socket proxy between the source and the destination that forwards slowly
@@ -340,20 +313,7 @@ fn a_postcopy_cut_mid_way_resumes_with_no_page_lost_or_placed_twice() {
     let placed = pc["demand_pages"].as_u64().unwrap() + pc["background_pages"].as_u64().unwrap();
     assert_eq!(placed, pages, "{st}");
     assert_eq!(pc["verified_pages"].as_u64().unwrap(), pages, "{st}");
-    wait_for(
-        Duration::from_secs(30),
-        "the destination guest to print",
-        || lines(&dst_log) >= 2,
-    );
-    assert!(ctl(&dst_api, &["vm", "shutdown"]).status.success());
-    assert_eq!(
-        dst.wait(Duration::from_secs(20)),
-        Some(0),
-        "{}",
-        dst.stderr()
-    );
-    let all = parse_counter_lines(&format!("{at_switch}{}", read(&dst_log))).unwrap();
-    check_consecutive(&all, PRINT_EVERY).unwrap();
+    goes_on_and_shuts_down(&mut dst, &dst_api, &dst_log, &at_switch, 2);
 }
 
 /// Three vCPUs count over their own pages at once, so after the switch-over several of
@@ -435,18 +395,5 @@ fn three_vcpus_faulting_at_once_migrate_in_postcopy() {
         harvest["pages"].as_u64().unwrap() >= 3 * 1024,
         "three vCPUs' pages: {harvest}"
     );
-    wait_for(
-        Duration::from_secs(30),
-        "the destination guest to print",
-        || lines(&dst_log) >= 3,
-    );
-    assert!(ctl(&dst_api, &["vm", "shutdown"]).status.success());
-    assert_eq!(
-        dst.wait(Duration::from_secs(20)),
-        Some(0),
-        "{}",
-        dst.stderr()
-    );
-    let all = parse_counter_lines(&format!("{at_switch}{}", read(&dst_log))).unwrap();
-    check_consecutive(&all, PRINT_EVERY).unwrap();
+    goes_on_and_shuts_down(&mut dst, &dst_api, &dst_log, &at_switch, 3);
 }

@@ -315,3 +315,31 @@ pub fn counter_guest(scratch: &Scratch, pages: u64) -> String {
     guest.write_to(&path).unwrap();
     path.to_str().unwrap().to_string()
 }
+
+/// The migrated guest goes on: the destination's console shows at least `lines` more
+/// counter lines, `vm shutdown` ends it with status 0, and the source's console up to
+/// the switch-over followed by the destination's is one consecutive sequence.
+pub fn goes_on_and_shuts_down(
+    dst: &mut Proc,
+    dst_api: &str,
+    dst_log: &Path,
+    at_switch: &str,
+    lines_wanted: usize,
+) {
+    wait_for(
+        Duration::from_secs(30),
+        "the destination guest to print",
+        || lines(dst_log) >= lines_wanted,
+    );
+    let out = ctl(dst_api, &["vm", "shutdown"]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(
+        dst.wait(Duration::from_secs(20)),
+        Some(0),
+        "{}",
+        dst.stderr()
+    );
+    let all = rangevm_tests::tiny::parse_counter_lines(&format!("{at_switch}{}", read(dst_log)))
+        .unwrap_or_else(|e| panic!("{e}"));
+    rangevm_tests::tiny::check_consecutive(&all, PRINT_EVERY).unwrap_or_else(|e| panic!("{e}"));
+}
