@@ -124,6 +124,7 @@ pub fn push_background<W: Write>(
     let page = ram.page_size();
     let shift = u8::try_from(page.trailing_zeros()).unwrap_or(12);
     let per_run = (BACKGROUND_RUN_BYTES / page).max(1);
+    let mut buf = Vec::new();
     let total = ram.size() / page;
     status.update(|s| {
         s.round_pages = total;
@@ -145,8 +146,14 @@ pub fn push_background<W: Write>(
                 while at < end && sent.claim(at) {
                     at += page;
                 }
-                let sent_now =
-                    super::source::encode_range(ram, enc, start, (at - start) / page, shift)?;
+                let sent_now = super::source::encode_range(
+                    ram,
+                    enc,
+                    start,
+                    (at - start) / page,
+                    shift,
+                    &mut buf,
+                )?;
                 let bytes = enc.bytes_written();
                 status.update(|s| {
                     s.bytes_sent = bytes;

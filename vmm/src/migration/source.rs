@@ -150,6 +150,7 @@ pub fn start(
     let (resume_tx, resume_rx) = std::sync::mpsc::channel();
     let mut sender = Sender {
         resume_rx,
+        buf: Vec::new(),
         opts,
         ram,
         cpus,
@@ -184,6 +185,8 @@ struct Sender {
     paused: bool,
     dirty_log: bool,
     resume_rx: std::sync::mpsc::Receiver<MigrationAddr>,
+    /// Scratch space for one run of pages read from guest memory.
+    buf: Vec<u8>,
 }
 
 /// How the sending ended, if not with an error before `Complete`.
@@ -955,7 +958,7 @@ impl Sender {
         count: u64,
         page_shift: u8,
     ) -> Result<(), SourceError> {
-        let sent = encode_range(&self.ram, enc, gpa, count, page_shift)?;
+        let sent = encode_range(&self.ram, enc, gpa, count, page_shift, &mut self.buf)?;
         let (data_pages, zero_pages, ballooned) = (sent.data, sent.zero, sent.ballooned);
         let bytes = enc.bytes_written();
         self.status.update(|s| {
@@ -984,17 +987,20 @@ pub struct RangeSent {
 /// Reads `count` pages from `gpa` (inside one region, at most one run) under the read
 /// lock of that range, and writes them to `enc` as runs: all-zero pages (ballooned
 /// pages read as zero) as zero runs without bytes, the others with their contents.
+/// `buf` is scratch space, kept by the caller so that runs do not allocate.
 pub fn encode_range<W: Write>(
     ram: &GuestRam,
     enc: &mut Encoder<W>,
     gpa: u64,
     count: u64,
     page_shift: u8,
+    buf: &mut Vec<u8>,
 ) -> Result<RangeSent, SourceError> {
     let page = 1usize << page_shift;
     let len = usize::try_from(count).unwrap_or(0) * page;
-    let mut buf = vec![0u8; len];
-    ram.read(gpa, &mut buf)?;
+    buf.resize(len, 0);
+    ram.read(gpa, &mut buf[..len])?;
+    let buf = &buf[..len];
     let (mut data_pages, mut zero_pages, mut ballooned) = (0u64, 0u64, 0u64);
     let mut run_start = 0usize;
     let mut run_zero = None;
@@ -1135,7 +1141,7 @@ mod tests {
         use crate::migration::protocol::PageData;
         let ram = ram_with_balloon();
         let mut enc = Encoder::new(Vec::new());
-        let sent = encode_range(&ram, &mut enc, 0, 64, 12).unwrap();
+        let sent = encode_range(&ram, &mut enc, 0, 64, 12, &mut Vec::new()).unwrap();
         assert_eq!(
             sent,
             RangeSent {
