@@ -7,7 +7,6 @@ use clap::{Parser, Subcommand, ValueEnum};
 use crate::api::client::{self as ctl, CtlArgs};
 use crate::api::ApiError;
 use crate::host_check::{self, HostCheckError};
-#[cfg(target_arch = "x86_64")]
 use crate::run::{self, RunArgs, RunError};
 use crate::stress::{self, StressArgs, StressError};
 
@@ -18,7 +17,6 @@ pub enum CliError {
     #[error("Host check failed")]
     HostCheck(#[from] HostCheckError),
     /// `rangevm run` failed.
-    #[cfg(target_arch = "x86_64")]
     #[error(transparent)]
     Run(#[from] RunError),
     /// `rangevm ctl` failed.
@@ -120,7 +118,6 @@ enum Command {
     /// console on standard input/output. Exit status: 0 the guest powered off, 1 the
     /// VMM failed, 2 bad command line, 3 guest reset, 4 triple fault, 5 guest panic,
     /// 130/143 after SIGINT/SIGTERM (clean shutdown).
-    #[cfg(target_arch = "x86_64")]
     Run(RunArgs),
     /// Talk to a running VM through its API socket (`rangevm run --api-socket PATH`):
     /// `vm info|pause|resume|shutdown`, `dirty start|harvest|stop`, `balloon set
@@ -146,7 +143,6 @@ enum Command {
 /// Runs the parsed command line.
 pub fn run(cli: Cli) -> Result<ExitCode, CliError> {
     match cli.command {
-        #[cfg(target_arch = "x86_64")]
         Command::Run(args) => Ok(run::run(args)?),
         Command::Ctl(args) => {
             ctl::run(&args)?;

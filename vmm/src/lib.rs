@@ -6,14 +6,10 @@
 pub mod api;
 pub mod arch;
 pub mod cli;
-#[cfg(target_arch = "x86_64")]
 pub mod event_loop;
 pub mod host_check;
-#[cfg(target_arch = "x86_64")]
 pub mod machine;
 pub mod migration;
-#[cfg(target_arch = "x86_64")]
 pub mod run;
 pub mod stress;
-#[cfg(target_arch = "x86_64")]
 pub mod vcpu;

@@ -23,8 +23,14 @@ use std::sync::Arc;
 /// Guest memory when `--memory` is not given.
 pub const DEFAULT_MEMORY: u64 = 512 << 20;
 
-/// The kernel command line when `--cmdline` is not given.
+/// The kernel command line when `--cmdline` is not given (the console is the 16550 on
+/// x86_64, the hypervisor virtual terminal on PowerPC).
+#[cfg(not(target_arch = "powerpc64"))]
 pub const DEFAULT_CMDLINE: &str = "console=ttyS0 reboot=k panic=1 pci=off";
+/// The kernel command line when `--cmdline` is not given (the console is the 16550 on
+/// x86_64, the hypervisor virtual terminal on PowerPC).
+#[cfg(target_arch = "powerpc64")]
+pub const DEFAULT_CMDLINE: &str = "console=hvc0 reboot=k panic=1";
 
 /// Exit status: the guest powered off.
 pub const EXIT_POWER_OFF: u8 = 0;
@@ -112,8 +118,9 @@ impl FromStr for SerialTarget {
 /// (Ctrl-C) and SIGTERM, which stop the guest and shut down cleanly.
 #[derive(Debug, Args)]
 pub struct RunArgs {
-    /// The guest kernel: a bzImage, or an ELF vmlinux (entered through its PVH note if
-    /// it has one, else at its 64-bit entry). Not with --incoming.
+    /// The guest kernel: on x86_64 a bzImage, or an ELF vmlinux (entered through its PVH
+    /// note if it has one, else at its 64-bit entry); on PowerPC64 an ELF vmlinux
+    /// (entered in real mode with the device tree in r3). Not with --incoming.
     #[arg(
         long,
         value_name = "PATH",
@@ -121,7 +128,8 @@ pub struct RunArgs {
         conflicts_with = "incoming"
     )]
     pub kernel: Option<PathBuf>,
-    /// An initial ramdisk, placed at the top of guest memory below 3 GiB.
+    /// An initial ramdisk, placed high in guest memory (below 3 GiB on x86_64, below
+    /// the device tree in the first 256 MiB on PowerPC64).
     #[arg(long, value_name = "PATH", conflicts_with = "incoming")]
     pub initrd: Option<PathBuf>,
     /// The kernel command line.

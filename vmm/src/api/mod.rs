@@ -23,7 +23,6 @@
 //! keeps running.
 
 pub mod client;
-#[cfg(target_arch = "x86_64")]
 pub mod server;
 
 use serde::{Deserialize, Serialize};

@@ -11,19 +11,13 @@
 //! - [`source`] and [`destination`]: the two sides of a precopy migration; [`slot`]
 //!   holds the outgoing one for the control API.
 
-#[cfg(target_arch = "x86_64")]
 pub mod control;
-#[cfg(target_arch = "x86_64")]
 pub mod destination;
 pub mod page_index;
-#[cfg(target_arch = "x86_64")]
 pub mod postcopy_dest;
-#[cfg(target_arch = "x86_64")]
 pub mod postcopy_source;
 pub mod protocol;
-#[cfg(target_arch = "x86_64")]
 pub mod slot;
-#[cfg(target_arch = "x86_64")]
 pub mod source;
 pub mod status;
 pub mod transport;

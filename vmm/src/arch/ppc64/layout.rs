@@ -34,6 +34,13 @@ pub const CMDLINE_MAX_SIZE: usize = 2048;
 /// terminal number the guest passes in r4 to H_PUT_TERM_CHAR / H_GET_TERM_CHAR.
 pub const VTY_TERMNO: u64 = 0x3000_0000;
 
+/// The port-bus address of the console's 16550 registers. No guest instruction reaches
+/// the port bus on PowerPC: only the console hypercalls do, through this port, so the
+/// console's buffering, input and saved state are the x86 machine's serial port's.
+pub const CONSOLE_PORT: u16 = 0;
+/// Bytes of the console's register window.
+pub const CONSOLE_PORT_LEN: u16 = 8;
+
 /// First virtio-mmio window (above any RAM the machine offers).
 pub const VIRTIO_MMIO_START: u64 = 0x2000_0000_0000;
 /// Size of one virtio-mmio window.
@@ -68,19 +75,19 @@ pub mod hcall {
     /// Success.
     pub const H_SUCCESS: u64 = 0;
     /// Hardware error (also: "not supported" for unknown calls, as QEMU answers).
-    pub const H_HARDWARE: u64 = (-1i64) as u64;
+    pub const H_HARDWARE: u64 = 1u64.wrapping_neg();
     /// Bad function (the call is not implemented).
-    pub const H_FUNCTION: u64 = (-2i64) as u64;
+    pub const H_FUNCTION: u64 = 2u64.wrapping_neg();
     /// Bad parameter.
-    pub const H_PARAMETER: u64 = (-4i64) as u64;
+    pub const H_PARAMETER: u64 = 4u64.wrapping_neg();
     /// Parameter 2 is invalid.
-    pub const H_P2: u64 = (-55i64) as u64;
+    pub const H_P2: u64 = 55u64.wrapping_neg();
     /// Parameter 3 is invalid.
-    pub const H_P3: u64 = (-56i64) as u64;
+    pub const H_P3: u64 = 56u64.wrapping_neg();
     /// Parameter 4 is invalid.
-    pub const H_P4: u64 = (-57i64) as u64;
+    pub const H_P4: u64 = 57u64.wrapping_neg();
     /// The requested mode is not supported.
-    pub const H_UNSUPPORTED_FLAG: u64 = (-256i64) as u64;
+    pub const H_UNSUPPORTED_FLAG: u64 = 256u64.wrapping_neg();
 }
 
 /// RTAS tokens: the numbers the device tree's `/rtas` node gives each call and the

@@ -59,6 +59,8 @@ use kvm_bindings::{
 };
 use kvm_ioctls::{Cap, Kvm, VcpuFd, VmFd};
 
+use crate::arch::codec::CodecError;
+
 mod bytes;
 
 /// The version of the byte layout written by `to_bytes`, the only one `from_bytes` reads.
@@ -115,51 +117,9 @@ pub enum StateError {
     /// string I/O instruction in flight): run the vCPU on and pause it again.
     #[error("The vCPU has an I/O access in flight")]
     IoInFlight,
-    /// The bytes end before the state does.
-    #[error("The state ends early: the {what} needs {needed} bytes at offset {offset}")]
-    Truncated {
-        /// What was being read.
-        what: &'static str,
-        /// Bytes needed.
-        needed: usize,
-        /// Where.
-        offset: usize,
-    },
-    /// The bytes do not start with the magic of this kind of state.
-    #[error("Not a {0} state")]
-    Magic(&'static str),
-    /// The bytes are in a layout version this build does not read.
-    #[error("State layout version {found} is not the supported version {supported}")]
-    Version {
-        /// The version in the bytes.
-        found: u16,
-        /// The version this build reads.
-        supported: u16,
-    },
-    /// The checksum does not match: the bytes were damaged.
-    #[error("The state is corrupted (CRC-32 {found:#010x}, computed {computed:#010x})")]
-    Checksum {
-        /// The checksum in the bytes.
-        found: u32,
-        /// The checksum of the bytes.
-        computed: u32,
-    },
-    /// Bytes are left over after the state.
-    #[error("The state has {0} unexpected bytes at its end")]
-    Trailing(usize),
-    /// A list is longer than its bound.
-    #[error("The state holds {len} {what}, more than the {max} allowed")]
-    TooMany {
-        /// Which list.
-        what: &'static str,
-        /// Its length.
-        len: usize,
-        /// The bound.
-        max: usize,
-    },
-    /// A field holds a value no saved state has.
-    #[error("The state has an invalid {0}")]
-    Invalid(&'static str),
+    /// The bytes are not a valid state.
+    #[error(transparent)]
+    Codec(#[from] CodecError),
 }
 
 /// A vCPU's KVM state.
@@ -309,10 +269,12 @@ fn kvm_err(op: &'static str, what: &'static str) -> impl Fn(kvm_ioctls::Error) -
 }
 
 fn msr_list(entries: &[kvm_msr_entry]) -> Result<Msrs, StateError> {
-    Msrs::from_entries(entries).map_err(|_| StateError::TooMany {
-        what: "MSRs",
-        len: entries.len(),
-        max: KVM_MAX_MSR_ENTRIES,
+    Msrs::from_entries(entries).map_err(|_| {
+        StateError::Codec(CodecError::TooMany {
+            what: "MSRs",
+            len: entries.len(),
+            max: KVM_MAX_MSR_ENTRIES,
+        })
     })
 }
 
@@ -378,10 +340,12 @@ pub(super) fn save_vcpu(fd: &mut VcpuFd) -> Result<VcpuState, StateError> {
     let xsave = match host.xsave_bytes {
         Some(bytes) if bytes > std::mem::size_of::<kvm_xsave>() => {
             let extra = (bytes - std::mem::size_of::<kvm_xsave>()).div_ceil(4);
-            let mut xsave = Xsave::new(extra).map_err(|_| StateError::TooMany {
-                what: "XSAVE words",
-                len: extra,
-                max: XSAVE_MAX_WORDS,
+            let mut xsave = Xsave::new(extra).map_err(|_| {
+                StateError::Codec(CodecError::TooMany {
+                    what: "XSAVE words",
+                    len: extra,
+                    max: XSAVE_MAX_WORDS,
+                })
             })?;
             // SAFETY: `xsave` holds the 4 KiB header plus `extra` words, which is at
             // least KVM_CAP_XSAVE2 bytes, the most KVM_GET_XSAVE2 writes for this
@@ -441,10 +405,12 @@ pub(super) fn save_vcpu(fd: &mut VcpuFd) -> Result<VcpuState, StateError> {
 /// last (they refer to the MP and SMM state set before).
 pub(super) fn restore_vcpu(fd: &VcpuFd, state: &VcpuState) -> Result<(), StateError> {
     let host = host()?;
-    let cpuid = CpuId::from_entries(&state.cpuid).map_err(|_| StateError::TooMany {
-        what: "CPUID entries",
-        len: state.cpuid.len(),
-        max: KVM_MAX_CPUID_ENTRIES,
+    let cpuid = CpuId::from_entries(&state.cpuid).map_err(|_| {
+        StateError::Codec(CodecError::TooMany {
+            what: "CPUID entries",
+            len: state.cpuid.len(),
+            max: KVM_MAX_CPUID_ENTRIES,
+        })
     })?;
     fd.set_cpuid2(&cpuid).map_err(kvm_err("write", "CPUID"))?;
     if let Some(khz) = state.tsc_khz {
@@ -496,7 +462,7 @@ pub(super) fn restore_vcpu(fd: &VcpuFd, state: &VcpuState) -> Result<(), StateEr
 fn set_xsave(fd: &VcpuFd, words: &[u32], host_bytes: usize) -> Result<(), StateError> {
     let legacy = std::mem::size_of::<kvm_xsave>();
     if words.len() < XSAVE_LEGACY_WORDS {
-        return Err(StateError::Invalid("XSAVE area size"));
+        return Err(StateError::Codec(CodecError::Invalid("XSAVE area size")));
     }
     let (region, extra) = words.split_at(XSAVE_LEGACY_WORDS);
     if host_bytes <= legacy {
@@ -511,10 +477,12 @@ fn set_xsave(fd: &VcpuFd, words: &[u32], host_bytes: usize) -> Result<(), StateE
         return unsafe { fd.set_xsave(&xsave) }.map_err(kvm_err("write", "XSAVE area"));
     }
     let want = (host_bytes - legacy).div_ceil(4).max(extra.len());
-    let mut xsave = Xsave::new(want).map_err(|_| StateError::TooMany {
-        what: "XSAVE words",
-        len: want,
-        max: XSAVE_MAX_WORDS,
+    let mut xsave = Xsave::new(want).map_err(|_| {
+        StateError::Codec(CodecError::TooMany {
+            what: "XSAVE words",
+            len: want,
+            max: XSAVE_MAX_WORDS,
+        })
     })?;
     // SAFETY: only the fixed 4 KiB region is written; the FAM length (`len`), which
     // the wrapper's invariant ties to its allocation, is left untouched.

@@ -1,14 +1,13 @@
 //! The byte form of [`VcpuState`] and [`VmState`] (layout in the parent module's docs):
 //! an explicit little-endian encoder and a checked decoder, field by field.
 
+use crate::arch::codec::{frame, unframe, CodecError, Reader, Writer};
 use kvm_bindings::{
     kvm_clock_data, kvm_cpuid_entry2, kvm_debugregs, kvm_dtable, kvm_fpu, kvm_ioapic_state,
     kvm_lapic_state, kvm_mp_state, kvm_msr_entry, kvm_pic_state, kvm_pit_channel_state,
     kvm_pit_state2, kvm_regs, kvm_segment, kvm_sregs, kvm_vcpu_events, kvm_xcrs,
     KVM_MAX_CPUID_ENTRIES, KVM_MAX_MSR_ENTRIES,
 };
-// CRC-32 (IEEE 802.3), the one the devices' state uses too.
-use rangevm_devices::persist::crc32;
 
 use super::{
     StateError, VcpuState, VmState, LAPIC_BYTES, MAX_XCRS, STATE_VERSION, XSAVE_LEGACY_WORDS,
@@ -17,160 +16,6 @@ use super::{
 
 const VCPU_MAGIC: [u8; 4] = *b"RVCS";
 const VM_MAGIC: [u8; 4] = *b"RVVS";
-/// Magic, version, reserved, payload length.
-const HEADER_LEN: usize = 12;
-const CRC_LEN: usize = 4;
-
-#[derive(Default)]
-struct Writer(Vec<u8>);
-
-impl Writer {
-    fn u8(&mut self, v: u8) {
-        self.0.push(v);
-    }
-    fn u16(&mut self, v: u16) {
-        self.0.extend_from_slice(&v.to_le_bytes());
-    }
-    fn u32(&mut self, v: u32) {
-        self.0.extend_from_slice(&v.to_le_bytes());
-    }
-    fn u64(&mut self, v: u64) {
-        self.0.extend_from_slice(&v.to_le_bytes());
-    }
-    fn bytes(&mut self, v: &[u8]) {
-        self.0.extend_from_slice(v);
-    }
-    /// A list count, checked against its bound (so what is written can be read).
-    fn count(&mut self, what: &'static str, len: usize, max: usize) -> Result<(), StateError> {
-        match u32::try_from(len) {
-            Ok(n) if len <= max => {
-                self.u32(n);
-                Ok(())
-            }
-            _ => Err(StateError::TooMany { what, len, max }),
-        }
-    }
-    fn flag(&mut self, present: bool) {
-        self.u8(u8::from(present));
-    }
-}
-
-struct Reader<'a> {
-    buf: &'a [u8],
-    pos: usize,
-}
-
-impl<'a> Reader<'a> {
-    fn take(&mut self, n: usize, what: &'static str) -> Result<&'a [u8], StateError> {
-        let end = self.pos.checked_add(n).filter(|&e| e <= self.buf.len());
-        let end = end.ok_or(StateError::Truncated {
-            what,
-            needed: n,
-            offset: self.pos,
-        })?;
-        let out = &self.buf[self.pos..end];
-        self.pos = end;
-        Ok(out)
-    }
-    fn array<const N: usize>(&mut self, what: &'static str) -> Result<[u8; N], StateError> {
-        let mut out = [0u8; N];
-        out.copy_from_slice(self.take(N, what)?);
-        Ok(out)
-    }
-    fn u8(&mut self, what: &'static str) -> Result<u8, StateError> {
-        Ok(self.array::<1>(what)?[0])
-    }
-    fn u16(&mut self, what: &'static str) -> Result<u16, StateError> {
-        Ok(u16::from_le_bytes(self.array(what)?))
-    }
-    fn u32(&mut self, what: &'static str) -> Result<u32, StateError> {
-        Ok(u32::from_le_bytes(self.array(what)?))
-    }
-    fn u64(&mut self, what: &'static str) -> Result<u64, StateError> {
-        Ok(u64::from_le_bytes(self.array(what)?))
-    }
-    /// A list count, checked against its bound and against the bytes left (each
-    /// element takes at least `elem` bytes) before anything is allocated.
-    fn count(&mut self, what: &'static str, max: usize, elem: usize) -> Result<usize, StateError> {
-        let len = usize::try_from(self.u32(what)?).unwrap_or(usize::MAX);
-        if len > max {
-            return Err(StateError::TooMany { what, len, max });
-        }
-        let needed = len.saturating_mul(elem);
-        if needed > self.buf.len() - self.pos {
-            return Err(StateError::Truncated {
-                what,
-                needed,
-                offset: self.pos,
-            });
-        }
-        Ok(len)
-    }
-    fn flag(&mut self, what: &'static str) -> Result<bool, StateError> {
-        match self.u8(what)? {
-            0 => Ok(false),
-            1 => Ok(true),
-            _ => Err(StateError::Invalid(what)),
-        }
-    }
-    fn end(&self) -> Result<(), StateError> {
-        match self.buf.len() - self.pos {
-            0 => Ok(()),
-            n => Err(StateError::Trailing(n)),
-        }
-    }
-}
-
-/// Wraps a payload in the header and checksum.
-fn frame(magic: [u8; 4], payload: &[u8]) -> Result<Vec<u8>, StateError> {
-    let len = u32::try_from(payload.len()).map_err(|_| StateError::TooMany {
-        what: "payload bytes",
-        len: payload.len(),
-        max: u32::MAX as usize,
-    })?;
-    let mut w = Writer(Vec::with_capacity(HEADER_LEN + payload.len() + CRC_LEN));
-    w.bytes(&magic);
-    w.u16(STATE_VERSION);
-    w.u16(0);
-    w.u32(len);
-    w.bytes(payload);
-    let crc = crc32(&w.0);
-    w.u32(crc);
-    Ok(w.0)
-}
-
-/// Checks the header and checksum; returns the payload.
-fn unframe<'a>(
-    magic: [u8; 4],
-    kind: &'static str,
-    bytes: &'a [u8],
-) -> Result<&'a [u8], StateError> {
-    let mut r = Reader { buf: bytes, pos: 0 };
-    if r.array::<4>("magic")? != magic {
-        return Err(StateError::Magic(kind));
-    }
-    let version = r.u16("version")?;
-    if version != STATE_VERSION {
-        return Err(StateError::Version {
-            found: version,
-            supported: STATE_VERSION,
-        });
-    }
-    if r.u16("reserved header field")? != 0 {
-        return Err(StateError::Invalid("reserved header field"));
-    }
-    let len = usize::try_from(r.u32("payload length")?).unwrap_or(usize::MAX);
-    let payload = r.take(len, "payload")?;
-    let covered = r.pos;
-    let found = r.u32("checksum")?;
-    r.end()?;
-    let computed = crc32(&bytes[..covered]);
-    if found != computed {
-        return Err(StateError::Checksum { found, computed });
-    }
-    Ok(payload)
-}
-
 fn c_chars_to_bytes(chars: &[std::os::raw::c_char]) -> Vec<u8> {
     chars.iter().map(|c| c.to_ne_bytes()[0]).collect()
 }
@@ -424,7 +269,7 @@ impl VcpuState {
         w.flag(self.xsave.is_some());
         if let Some(words) = &self.xsave {
             if words.len() < XSAVE_LEGACY_WORDS {
-                return Err(StateError::Invalid("XSAVE area size"));
+                return Err(StateError::Codec(CodecError::Invalid("XSAVE area size")));
             }
             w.count("XSAVE words", words.len(), XSAVE_MAX_WORDS)?;
             for &word in words {
@@ -451,15 +296,12 @@ impl VcpuState {
         put_events(&mut w, &self.events);
         w.flag(self.tsc_khz.is_some());
         w.u32(self.tsc_khz.unwrap_or(0));
-        frame(VCPU_MAGIC, &w.0)
+        Ok(frame(VCPU_MAGIC, STATE_VERSION, &w.0)?)
     }
 
     /// Reads the byte form back; any damage, truncation or other version is an error.
     pub fn from_bytes(bytes: &[u8]) -> Result<Self, StateError> {
-        let mut r = Reader {
-            buf: unframe(VCPU_MAGIC, "vCPU", bytes)?,
-            pos: 0,
-        };
+        let mut r = Reader::new(unframe(VCPU_MAGIC, STATE_VERSION, "vCPU", bytes)?);
         let n = r.count("CPUID entries", KVM_MAX_CPUID_ENTRIES, 28)?;
         let mut cpuid = Vec::with_capacity(n);
         for _ in 0..n {
@@ -486,7 +328,7 @@ impl VcpuState {
         let xsave = if r.flag("XSAVE presence")? {
             let n = r.count("XSAVE words", XSAVE_MAX_WORDS, 4)?;
             if n < XSAVE_LEGACY_WORDS {
-                return Err(StateError::Invalid("XSAVE area size"));
+                return Err(StateError::Codec(CodecError::Invalid("XSAVE area size")));
             }
             let mut words = Vec::with_capacity(n);
             for _ in 0..n {
@@ -646,15 +488,12 @@ impl VmState {
         w.u32(clock.flags);
         w.u64(clock.realtime);
         w.u64(clock.host_tsc);
-        frame(VM_MAGIC, &w.0)
+        Ok(frame(VM_MAGIC, STATE_VERSION, &w.0)?)
     }
 
     /// Reads the byte form back; any damage, truncation or other version is an error.
     pub fn from_bytes(bytes: &[u8]) -> Result<Self, StateError> {
-        let mut r = Reader {
-            buf: unframe(VM_MAGIC, "VM", bytes)?,
-            pos: 0,
-        };
+        let mut r = Reader::new(unframe(VM_MAGIC, STATE_VERSION, "VM", bytes)?);
         let mut pics = [kvm_pic_state::default(); 2];
         for pic in &mut pics {
             for b in pic_fields(pic) {
@@ -697,6 +536,7 @@ impl VmState {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::arch::codec::{crc32, CRC_LEN, HEADER_LEN};
 
     /// A vCPU state with a distinct value in every encoded field.
     fn sample_vcpu() -> VcpuState {
@@ -905,7 +745,7 @@ mod tests {
         longer.push(0);
         assert!(matches!(
             decode(&longer).unwrap_err(),
-            StateError::Trailing(1)
+            StateError::Codec(CodecError::Trailing(1))
         ));
     }
 
@@ -918,15 +758,15 @@ mod tests {
         // The kinds do not mix.
         assert!(matches!(
             VmState::from_bytes(&vcpu).unwrap_err(),
-            StateError::Magic("VM")
+            StateError::Codec(CodecError::Magic("VM"))
         ));
         assert!(matches!(
             VcpuState::from_bytes(&vm).unwrap_err(),
-            StateError::Magic("vCPU")
+            StateError::Codec(CodecError::Magic("vCPU"))
         ));
         assert!(matches!(
             VcpuState::from_bytes(&[]).unwrap_err(),
-            StateError::Truncated { .. }
+            StateError::Codec(CodecError::Truncated { .. })
         ));
     }
 
@@ -951,17 +791,17 @@ mod tests {
         assert!(VcpuState::from_bytes(&reframe(VCPU_MAGIC, 1, payload)).is_ok());
         assert!(matches!(
             VcpuState::from_bytes(&reframe(VCPU_MAGIC, 2, payload)).unwrap_err(),
-            StateError::Version {
+            StateError::Codec(CodecError::Version {
                 found: 2,
                 supported: 1
-            }
+            })
         ));
         // A CPUID count past its bound, and one past the bytes there are.
         let mut p = payload.to_vec();
         p[..4].copy_from_slice(&u32::MAX.to_le_bytes());
         assert!(matches!(
             VcpuState::from_bytes(&reframe(VCPU_MAGIC, 1, &p)).unwrap_err(),
-            StateError::TooMany { .. }
+            StateError::Codec(CodecError::TooMany { .. })
         ));
         p[..4].copy_from_slice(&200u32.to_le_bytes());
         assert!(VcpuState::from_bytes(&reframe(VCPU_MAGIC, 1, &p)).is_err());
@@ -973,7 +813,7 @@ mod tests {
         p[at] = 2;
         assert!(matches!(
             VcpuState::from_bytes(&reframe(VCPU_MAGIC, 1, &p)).unwrap_err(),
-            StateError::Invalid("XSAVE presence")
+            StateError::Codec(CodecError::Invalid("XSAVE presence"))
         ));
         // An XSAVE area smaller than the legacy 4 KiB is refused on both sides.
         let small = VcpuState {
@@ -982,7 +822,7 @@ mod tests {
         };
         assert!(matches!(
             small.to_bytes().unwrap_err(),
-            StateError::Invalid("XSAVE area size")
+            StateError::Codec(CodecError::Invalid("XSAVE area size"))
         ));
         let too_many = VcpuState {
             msrs: vec![kvm_msr_entry::default(); KVM_MAX_MSR_ENTRIES + 1],
@@ -990,13 +830,7 @@ mod tests {
         };
         assert!(matches!(
             too_many.to_bytes().unwrap_err(),
-            StateError::TooMany { what: "MSRs", .. }
+            StateError::Codec(CodecError::TooMany { what: "MSRs", .. })
         ));
-    }
-
-    #[test]
-    fn crc32_is_the_ieee_one() {
-        assert_eq!(crc32(b"123456789"), 0xcbf4_3926);
-        assert_eq!(crc32(b""), 0);
     }
 }
