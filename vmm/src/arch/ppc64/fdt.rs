@@ -10,7 +10,7 @@
 //! the kernel which hypercall sets exist), the virtual terminal under `/vdevice`, the
 //! XICS interrupt presentation node, and the virtio-mmio windows.
 
-use vm_fdt::FdtWriter;
+use vm_fdt::{FdtReserveEntry, FdtWriter};
 
 use super::layout::{rtas, CMDLINE_MAX_SIZE, FDT_MAX_SIZE, VTY_TERMNO};
 
@@ -118,7 +118,10 @@ pub fn create_fdt(cfg: &FdtConfig<'_>) -> Result<Vec<u8>, FdtError> {
     if cfg.cmdline.len() >= CMDLINE_MAX_SIZE || cfg.cmdline.contains('\0') {
         return Err(FdtError::Cmdline(cfg.cmdline.len()));
     }
-    let mut fdt = FdtWriter::new()?;
+    // RTAS lives in RAM the kernel must not hand out: without Open Firmware (whose
+    // prom_init would reserve it) the reservation block is what keeps it.
+    let mut fdt =
+        FdtWriter::new_with_mem_reserv(&[FdtReserveEntry::new(cfg.rtas_base, cfg.rtas_size)?])?;
     fdt.set_boot_cpuid_phys(0);
     let root = fdt.begin_node("")?;
     fdt.property_u32("#address-cells", 2)?;
@@ -323,6 +326,11 @@ mod tests {
         }];
         let blob = create_fdt(&cfg("console=hvc0 quiet", &mmio)).unwrap();
         assert_eq!(&blob[..4], &[0xd0, 0x0d, 0xfe, 0xed]);
+        // The memory reservation block holds RTAS, then the terminating empty entry.
+        let rsv = u32::from_be_bytes(blob[16..20].try_into().unwrap()) as usize;
+        let be64 = |at: usize| u64::from_be_bytes(blob[at..at + 8].try_into().unwrap());
+        assert_eq!((be64(rsv), be64(rsv + 8)), (0xf0f_0000, 0x1_0000));
+        assert_eq!((be64(rsv + 16), be64(rsv + 24)), (0, 0));
         let p = |path, name| {
             find_property(&blob, path, name).unwrap_or_else(|| panic!("{path} {name}"))
         };
