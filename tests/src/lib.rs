@@ -309,7 +309,8 @@ impl EmuHost {
     }
 
     /// Puts `file` into `/payload` (which is on `PATH` and the working directory of
-    /// the command); a dynamically linked program brings its shared libraries.
+    /// the command); on x86_64 a dynamically linked program brings its shared libraries
+    /// (the PowerPC64 host takes static programs only).
     pub fn with_file(mut self, file: impl Into<PathBuf>) -> Self {
         self.payload.push(file.into());
         self
