@@ -88,37 +88,7 @@ for m in virtio_ring virtio virtio_mmio virtio_balloon; do
     fi
 done
 
-cat >"$root/init" <<'INIT'
-#!/bin/sh
-# rangevm default guest. See resources/build-guest.sh.
-mount -t proc proc /proc
-mount -t sysfs sysfs /sys
-mount -t devtmpfs devtmpfs /dev 2>/dev/null
-echo "RANGEVM-GUEST-UP $(uname -r) cpus=$(grep -c ^processor /proc/cpuinfo) mem_kb=$(sed -n 's/^MemTotal: *\([0-9]*\).*/\1/p' /proc/meminfo)"
-for m in virtio_ring virtio virtio_mmio virtio_balloon; do
-    for f in /lib/modules/$m.ko*; do
-        [ -e "$f" ] && insmod "$f" 2>/dev/null
-    done
-done
-cmd=""
-shell=0
-for word in $(cat /proc/cmdline); do
-    case "$word" in
-        rangevm.cmd64=*) cmd="$(echo "${word#rangevm.cmd64=}" | base64 -d)" ;;
-        rangevm.cmd=*) cmd="${word#rangevm.cmd=}" ;;
-        rangevm.shell=1) shell=1 ;;
-    esac
-done
-if [ -n "$cmd" ]; then
-    sh -c "$cmd"
-    echo "RANGEVM-CMD-EXIT=$?"
-fi
-if [ "$shell" = 1 ]; then
-    exec setsid cttyhack sh
-fi
-sync
-poweroff -f
-INIT
+guest_init >"$root/init"
 chmod 755 "$root/init"
 
 pack_cpio "$root" "$busybox" "$work/initramfs.cpio.gz"

@@ -2,7 +2,9 @@
 # Installs what building and testing rangevm needs and is not already there, so that
 # scripts/test.sh and .ci/run work on a fresh Debian (bookworm) machine.
 #
-#   scripts/ensure-deps.sh          cross toolchain, qemu-user and qemu-system-x86 and iproute2 (ip netns, for the migration test between two network namespaces) (apt), ppc64le Rust target,
+#   scripts/ensure-deps.sh          cross toolchain, qemu-user, qemu-system-x86 and qemu-system-ppc (the
+#                                   emulated hosts) and iproute2 (ip netns, for the migration test between
+#                                   two network namespaces) (apt), ppc64le Rust target,
 #                                   a nightly toolchain and cargo-fuzz (for the fuzz step)
 #   scripts/ensure-deps.sh --lint   the same, plus the rustfmt and clippy components
 #
@@ -12,14 +14,14 @@
 set -euo pipefail
 
 CROSS_TARGET=powerpc64le-unknown-linux-gnu
-APT_PACKAGES=(gcc-powerpc64le-linux-gnu libc6-dev-ppc64el-cross qemu-user-static qemu-system-x86 iproute2)
+APT_PACKAGES=(gcc-powerpc64le-linux-gnu libc6-dev-ppc64el-cross qemu-user-static qemu-system-x86 qemu-system-ppc iproute2)
 
 want_lint=0
 for arg in "$@"; do
     case "$arg" in
         --lint) want_lint=1 ;;
         -h | --help)
-            sed -n '2,10p' "$0" | sed 's/^# \{0,1\}//'
+            sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//'
             exit 0
             ;;
         *)
@@ -85,6 +87,7 @@ fi
 command -v powerpc64le-linux-gnu-gcc >/dev/null 2>&1 || die "powerpc64le-linux-gnu-gcc not found after install"
 command -v qemu-ppc64le-static >/dev/null 2>&1 || die "qemu-ppc64le-static not found after install"
 command -v qemu-system-x86_64 >/dev/null 2>&1 || die "qemu-system-x86_64 not found after install (package qemu-system-x86)"
+command -v qemu-system-ppc64 >/dev/null 2>&1 || die "qemu-system-ppc64 not found after install (package qemu-system-ppc)"
 [ -e /usr/powerpc64le-linux-gnu/lib64/ld64.so.2 ] || [ -e /usr/powerpc64le-linux-gnu/lib/ld64.so.2 ] ||
     die "ppc64le sysroot /usr/powerpc64le-linux-gnu has no ld64.so.2 (libc6-ppc64el-cross)"
 

@@ -1,13 +1,17 @@
 //! Integration-test harness for rangevm with real guests.
 //!
 //! - [`DefaultGuest`] builds (or finds in the cache) the default x86_64 guest of
-//!   `resources/build-guest.sh`: Debian's kernel and a busybox initramfs whose `/init`
-//!   prints [`MARKER`], runs a command from the kernel command line, prints
-//!   `RANGEVM-CMD-EXIT=<status>` and powers off.
-//! - [`EmuHost`] runs a command inside an *emulated host* (`resources/build-emuhost.sh`):
-//!   Debian's kernel under QEMU software emulation with real nested KVM, for what this
-//!   machine's own KVM cannot run.
-//! - [`run_qemu`] boots a kernel under QEMU TCG and returns its serial console.
+//!   `resources/build-guest.sh` (or the ppc64le one of `resources/build-guest-ppc64.sh`):
+//!   Debian's kernel and a busybox initramfs whose `/init` prints [`MARKER`], runs a
+//!   command from the kernel command line, prints `RANGEVM-CMD-EXIT=<status>` and powers
+//!   off.
+//! - [`EmuHost`] runs a command inside an *emulated host* (`resources/build-emuhost.sh`,
+//!   or `resources/build-emuhost-ppc64.sh` for PowerPC64): Debian's kernel under QEMU
+//!   software emulation with real nested KVM, for what this machine's own KVM cannot run.
+//! - [`run_qemu`] (and [`run_qemu_arch`]) boots a kernel under QEMU TCG and returns its
+//!   console.
+//! - [`static_rangevm_ppc64le`] builds a statically linked rangevm for the emulated
+//!   PowerPC64 host.
 
 pub mod tiny;
 
@@ -31,7 +35,7 @@ pub enum HarnessError {
 /// The default guest's files.
 #[derive(Debug, Clone)]
 pub struct DefaultGuest {
-    /// The kernel (bzImage).
+    /// The kernel (a bzImage on x86_64, an ELF vmlinux on ppc64le).
     pub kernel: PathBuf,
     /// The initramfs.
     pub initrd: PathBuf,
@@ -79,6 +83,23 @@ impl DefaultGuest {
         })
     }
 
+    /// Builds the ppc64le guest with `resources/build-guest-ppc64.sh` (a no-op when the
+    /// cache is up to date): Debian's ppc64el ELF vmlinux, the same `/init`, and a
+    /// command line with `console=hvc0`.
+    pub fn build_ppc64() -> Result<Self, HarnessError> {
+        let dir = PathBuf::from(run_script(
+            "build-guest-ppc64.sh",
+            &["--print-dir".as_ref()],
+        )?);
+        let cmdline = std::fs::read_to_string(dir.join("cmdline"))
+            .map_err(|e| HarnessError::Tool(format!("no cmdline in {}: {e}", dir.display())))?;
+        Ok(DefaultGuest {
+            kernel: dir.join("vmlinux"),
+            initrd: dir.join("initramfs.cpio.gz"),
+            cmdline: cmdline.trim().to_string(),
+        })
+    }
+
     /// The command line that makes `/init` run `command` (any shell text).
     pub fn cmdline_running(&self, command: &str) -> String {
         format!(
@@ -108,9 +129,64 @@ impl Console {
     }
 }
 
+/// The machine [`run_qemu_arch`] emulates.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum QemuArch {
+    /// `qemu-system-x86_64 -accel tcg -cpu max` (SVM included, so KVM works inside);
+    /// the console is `ttyS0`.
+    #[default]
+    X86_64,
+    /// `qemu-system-ppc64 -M pseries,cap-nested-hv=on,... -cpu POWER9` (nested HV, so
+    /// kvm-hv works inside, for radix guests); the console is `hvc0`.
+    Ppc64,
+}
+
+impl QemuArch {
+    /// The QEMU program.
+    pub fn qemu(self) -> &'static str {
+        match self {
+            QemuArch::X86_64 => "qemu-system-x86_64",
+            QemuArch::Ppc64 => "qemu-system-ppc64",
+        }
+    }
+
+    /// The Linux console device of the machine's first serial port.
+    pub fn console(self) -> &'static str {
+        match self {
+            QemuArch::X86_64 => "ttyS0",
+            QemuArch::Ppc64 => "hvc0",
+        }
+    }
+
+    /// The machine and CPU options.
+    fn machine_args(self) -> &'static [&'static str] {
+        match self {
+            QemuArch::X86_64 => &["-accel", "tcg", "-cpu", "max"],
+            // The cap-* settings: TCG implements none of the speculation mitigations,
+            // and pseries refuses to start with them at their defaults.
+            QemuArch::Ppc64 => &[
+                "-accel",
+                "tcg",
+                "-M",
+                "pseries,cap-nested-hv=on,cap-cfpc=broken,cap-sbbc=broken,cap-ibs=broken,cap-ccf-assist=off",
+                "-cpu",
+                "POWER9",
+            ],
+        }
+    }
+
+    /// The debian package that holds [`QemuArch::qemu`].
+    fn package(self) -> &'static str {
+        match self {
+            QemuArch::X86_64 => "qemu-system-x86",
+            QemuArch::Ppc64 => "qemu-system-ppc",
+        }
+    }
+}
+
 /// Boots `kernel` + `initrd` with `cmdline` under `qemu-system-x86_64 -accel tcg -cpu
 /// max` (SVM included, so KVM works inside) and waits for the guest to power off, at
-/// most `timeout`.
+/// most `timeout`. [`run_qemu_arch`] with [`QemuArch::X86_64`].
 pub fn run_qemu(
     kernel: &Path,
     initrd: &Path,
@@ -118,9 +194,31 @@ pub fn run_qemu(
     memory_mib: u32,
     timeout: Duration,
 ) -> Result<Console, HarnessError> {
+    run_qemu_arch(
+        QemuArch::X86_64,
+        kernel,
+        initrd,
+        cmdline,
+        memory_mib,
+        timeout,
+    )
+}
+
+/// Boots `kernel` + `initrd` with `cmdline` on the machine `arch`, under software
+/// emulation, with its first serial port on the returned console, and waits for the
+/// guest to power off, at most `timeout`.
+pub fn run_qemu_arch(
+    arch: QemuArch,
+    kernel: &Path,
+    initrd: &Path,
+    cmdline: &str,
+    memory_mib: u32,
+    timeout: Duration,
+) -> Result<Console, HarnessError> {
     let start = Instant::now();
-    let mut child = Command::new("qemu-system-x86_64")
-        .args(["-accel", "tcg", "-cpu", "max", "-smp", "1"])
+    let mut child = Command::new(arch.qemu())
+        .args(arch.machine_args())
+        .args(["-smp", "1"])
         .args(["-m", &format!("{memory_mib}M")])
         .args([
             "-nographic",
@@ -140,7 +238,9 @@ pub fn run_qemu(
         .spawn()
         .map_err(|e| {
             HarnessError::Tool(format!(
-                "cannot start qemu-system-x86_64 (scripts/ensure-deps.sh installs it): {e}"
+                "cannot start {} (package {}; scripts/ensure-deps.sh installs it): {e}",
+                arch.qemu(),
+                arch.package()
             ))
         })?;
     // Read the console on a thread so a chatty guest never blocks on a full pipe.
@@ -179,20 +279,38 @@ pub fn run_qemu(
     })
 }
 
-/// The emulated x86_64 host.
+/// The emulated host: x86_64 ([`EmuHost::new`]) or PowerPC64 ([`EmuHost::ppc64`]).
 #[derive(Debug, Default)]
 pub struct EmuHost {
+    arch: QemuArch,
     payload: Vec<PathBuf>,
 }
 
 impl EmuHost {
-    /// An emulated host with nothing in `/payload` yet.
+    /// An emulated x86_64 host with nothing in `/payload` yet.
     pub fn new() -> Self {
         EmuHost::default()
     }
 
+    /// An emulated PowerPC64 host (`resources/build-emuhost-ppc64.sh`: Debian's ppc64el
+    /// kernel on QEMU's pseries machine with nested HV, kvm-hv loaded) with nothing in
+    /// `/payload` yet. Its programs must be statically linked ppc64le ones (see
+    /// [`static_rangevm_ppc64le`]).
+    pub fn ppc64() -> Self {
+        EmuHost {
+            arch: QemuArch::Ppc64,
+            payload: Vec::new(),
+        }
+    }
+
+    /// The emulated machine.
+    pub fn arch(&self) -> QemuArch {
+        self.arch
+    }
+
     /// Puts `file` into `/payload` (which is on `PATH` and the working directory of
-    /// the command); a dynamically linked program brings its shared libraries.
+    /// the command); on x86_64 a dynamically linked program brings its shared libraries
+    /// (the PowerPC64 host takes static programs only).
     pub fn with_file(mut self, file: impl Into<PathBuf>) -> Self {
         self.payload.push(file.into());
         self
@@ -242,8 +360,12 @@ impl EmuHost {
                 ))
             })?;
             let initrd = dir.join("host.cpio.gz");
+            let (script, memory_mib, extra) = match self.arch {
+                QemuArch::X86_64 => ("build-emuhost.sh", 1024, "reboot=k panic=1"),
+                QemuArch::Ppc64 => ("build-emuhost-ppc64.sh", 2048, "panic=1"),
+            };
             let kernel = PathBuf::from(run_script(
-                "build-emuhost.sh",
+                script,
                 &[
                     "--payload".as_ref(),
                     payload.as_os_str(),
@@ -252,14 +374,62 @@ impl EmuHost {
                 ],
             )?);
             let cmdline = format!(
-                "console=ttyS0 loglevel=4 reboot=k panic=1 rangevm.cmd64={}",
+                "console={} loglevel=4 {extra} rangevm.cmd64={}",
+                self.arch.console(),
                 base64(b"sh /payload/rangevm-cmd.sh")
             );
-            run_qemu(&kernel, &initrd, &cmdline, 1024, timeout)
+            run_qemu_arch(self.arch, &kernel, &initrd, &cmdline, memory_mib, timeout)
         })();
         let _ = std::fs::remove_dir_all(&dir);
         result
     }
+}
+
+/// The Rust target of the emulated PowerPC64 host's programs.
+pub const PPC64LE_TARGET: &str = "powerpc64le-unknown-linux-gnu";
+
+/// Builds the `rangevm` binary for `powerpc64le-unknown-linux-gnu`, statically linked
+/// (`-C target-feature=+crt-static`, debug profile), and returns its path. The build has
+/// its own target folder, `<target dir>/ppc64le-static` (the target dir is
+/// `$CARGO_TARGET_DIR`, or `target` in the repository), so that its `RUSTFLAGS` do not
+/// invalidate the normal build; a second call only checks that it is up to date.
+pub fn static_rangevm_ppc64le() -> Result<PathBuf, HarnessError> {
+    let root = repo_root();
+    let target_dir = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root.join("target"))
+        .join("ppc64le-static");
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let out = Command::new(&cargo)
+        .current_dir(&root)
+        .args(["build", "-p", "rangevm", "--bin", "rangevm", "--target"])
+        .arg(PPC64LE_TARGET)
+        .env("CARGO_TARGET_DIR", &target_dir)
+        // CARGO_ENCODED_RUSTFLAGS would win over RUSTFLAGS.
+        .env_remove("CARGO_ENCODED_RUSTFLAGS")
+        .env("RUSTFLAGS", "-C target-feature=+crt-static")
+        .output()
+        .map_err(|e| {
+            HarnessError::Tool(format!("cannot run {}: {e}", Path::new(&cargo).display()))
+        })?;
+    if !out.status.success() {
+        return Err(HarnessError::Tool(format!(
+            "building a static rangevm for {PPC64LE_TARGET} failed (scripts/ensure-deps.sh \
+             installs the target and its linker): {}",
+            String::from_utf8_lossy(&out.stderr)
+        )));
+    }
+    let bin = target_dir
+        .join(PPC64LE_TARGET)
+        .join("debug")
+        .join("rangevm");
+    if !bin.is_file() {
+        return Err(HarnessError::Tool(format!(
+            "cargo built no {}",
+            bin.display()
+        )));
+    }
+    Ok(bin)
 }
 
 /// Standard base64 (RFC 4648, with padding), as busybox's `base64 -d` reads it.
