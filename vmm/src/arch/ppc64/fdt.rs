@@ -201,6 +201,12 @@ fn cpus_node(fdt: &mut FdtWriter, cfg: &FdtConfig<'_>) -> Result<(), FdtError> {
             fdt.property_u32(name, 128)?;
         }
         fdt.property_null("64-bit")?;
+        // What Linux reads to turn on Altivec and VSX (`ibm,vmx` = 2), decimal floating
+        // point and the PURR/SPURR: the POWER9 CPU table leaves them to the device tree.
+        fdt.property_u32("ibm,vmx", 2)?;
+        fdt.property_u32("ibm,dfp", 1)?;
+        fdt.property_u32("ibm,purr", 1)?;
+        fdt.property_u32("ibm,spurr", 1)?;
         fdt.property_u32("ibm,slb-size", 32)?;
         // No `ibm,processor-radix-AP-encodings`: its 32-character name is one more than
         // the device-tree spec (and vm-fdt) allow; without it Linux uses 4K and 64K
