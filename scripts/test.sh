@@ -3,7 +3,8 @@
 #   1. native    cargo test --workspace                                    (host, x86_64)
 #   2. ppc64le   cargo test -p rangevm-memory --target powerpc64le-...     (under qemu-ppc64le-static,
 #                runner set in .cargo/config.toml, with QEMU_PAGESIZE=65536 so the tests see the
-#                64 KiB pages of a ppc64le host; the page-size test checks that they do)
+#                64 KiB pages of a ppc64le host; the page-size test checks that they do), then
+#                rangevm's unit tests (64 KiB pages) and rangevm-devices' (4 KiB pages) the same way
 #   3. ppc64le-build  cargo check --workspace --all-targets --target powerpc64le-... with -D warnings
 #   4. loom      RUSTFLAGS="--cfg loom" cargo test -p rangevm-memory --release --test loom_range_lock
 #                (model checking of the range lock's small cases, every interleaving with up to
@@ -80,6 +81,18 @@ run_step native \
 # mmap alignment) as on a ppc64le host, so a hidden 4096 shows up here.
 run_step ppc64le \
     env QEMU_PAGESIZE=65536 RANGEVM_EXPECT_PAGE_SIZE=65536 cargo test -p rangevm-memory --target "$CROSS_TARGET"
+
+# rangevm's own unit tests (the sPAPR hypercalls, RTAS, ELF loader, device tree and state
+# bytes; migration, API and CLI parsing) on 64 KiB pages too. The ones that need KVM are
+# integration tests (vmm/tests), run inside the emulated PowerPC host.
+run_step ppc64le-vmm \
+    env QEMU_PAGESIZE=65536 cargo test -p rangevm --lib --target "$CROSS_TARGET"
+
+# The device models' tests, built for PowerPC, on qemu-user's 4 KiB pages:
+# their balloon cases are written in 4 KiB host pages, and the 64 KiB host case has its
+# own test (simulated_64k_host_discards_only_whole_host_pages).
+run_step ppc64le-devices \
+    cargo test -p rangevm-devices --target "$CROSS_TARGET"
 
 # The whole workspace builds for ppc64le without warnings (x86-only code stays behind
 # arch/); a target dir of its own, since RUSTFLAGS differ from the test build's.

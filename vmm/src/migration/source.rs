@@ -1123,16 +1123,19 @@ mod tests {
 
     /// Guest RAM of 64 pages: page 1 and pages 10..13 with contents, pages 20..30
     /// given back by the balloon after holding contents, the rest never touched.
+    /// Pages are host pages (64 KiB on ppc64le).
     fn ram_with_balloon() -> GuestRam {
-        let ram = GuestRam::new(rangevm_memory::LockMode::Range, &[(0, 64 * 4096)]).unwrap();
-        ram.write(4096, &[1u8; 4096]).unwrap();
+        let page = rangevm_memory::host_page_size();
+        let ram = GuestRam::new(rangevm_memory::LockMode::Range, &[(0, 64 * page)]).unwrap();
+        let bytes = |b: u8| vec![b; page as usize];
+        ram.write(page, &bytes(1)).unwrap();
         for p in 10..13u8 {
-            ram.write(u64::from(p) * 4096, &[p; 4096]).unwrap();
+            ram.write(u64::from(p) * page, &bytes(p)).unwrap();
         }
         for p in 20..30u64 {
-            ram.write(p * 4096, &[0xee; 4096]).unwrap();
+            ram.write(p * page, &bytes(0xee)).unwrap();
         }
-        ram.discard(20 * 4096..30 * 4096).unwrap();
+        ram.discard(20 * page..30 * page).unwrap();
         ram
     }
 
@@ -1140,8 +1143,17 @@ mod tests {
     fn ballooned_and_zero_pages_go_as_zero_runs_without_bytes() {
         use crate::migration::protocol::PageData;
         let ram = ram_with_balloon();
+        let page = rangevm_memory::host_page_size();
         let mut enc = Encoder::new(Vec::new());
-        let sent = encode_range(&ram, &mut enc, 0, 64, 12, &mut Vec::new()).unwrap();
+        let sent = encode_range(
+            &ram,
+            &mut enc,
+            0,
+            64,
+            page.trailing_zeros() as u8,
+            &mut Vec::new(),
+        )
+        .unwrap();
         assert_eq!(
             sent,
             RangeSent {
@@ -1152,12 +1164,12 @@ mod tests {
         );
         let bytes = enc.into_inner();
         // 4 pages of contents plus a few frames of framing: nothing of the balloon's.
-        assert!(bytes.len() < 4 * 4096 + 8 * 64, "{}", bytes.len());
+        assert!(bytes.len() < 4 * page as usize + 8 * 64, "{}", bytes.len());
         let mut dec = Decoder::new(&bytes[..]);
         let mut runs = Vec::new();
         while let Ok(Message::Pages(run)) = dec.recv() {
             let with_data = matches!(run.data, PageData::Bytes(_));
-            runs.push((run.gpa / 4096, run.count, with_data));
+            runs.push((run.gpa / page, run.count, with_data));
         }
         assert_eq!(
             runs,
