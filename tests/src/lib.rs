@@ -14,6 +14,7 @@
 //!   PowerPC64 host.
 
 pub mod tiny;
+pub mod tiny_ppc64;
 
 use std::io::Read;
 use std::path::{Path, PathBuf};

@@ -108,3 +108,140 @@ fn default_ppc64le_guest_boots_under_rangevm_inside_the_emulated_powerpc64_host(
     }
     assert_eq!(console.command_status(), Some(0), "{out}");
 }
+
+/// The text between `begin` and `end` lines of `out`.
+fn section<'a>(out: &'a str, begin: &str, end: &str) -> &'a str {
+    let start = out
+        .find(begin)
+        .map(|i| i + begin.len())
+        .unwrap_or_else(|| panic!("no {begin} in:\n{out}"));
+    let stop = out[start..]
+        .find(end)
+        .unwrap_or_else(|| panic!("no {end} after {begin} in:\n{out}"));
+    &out[start..start + stop]
+}
+
+/// A `KEY=value` line's value.
+fn value<'a>(out: &'a str, key: &str) -> &'a str {
+    out.lines()
+        .find_map(|l| l.strip_prefix(key))
+        .map(str::trim)
+        .unwrap_or_else(|| panic!("no {key} in:\n{out}"))
+}
+
+/// Inside one boot of the emulated PowerPC64 host: tiny sPAPR guests under rangevm print
+/// through H_PUT_TERM_CHAR and end through RTAS (power-off: status 0, system-reboot: 3,
+/// ibm,os-term: 5); and a tiny counter guest migrates between two rangevm processes,
+/// once in precopy and once in postcopy, its pass lines going on as one sequence on the
+/// destination (its memory pages checked by the guest itself: every pass rewrites them).
+#[test]
+fn tiny_ppc64_guests_print_stop_and_migrate_inside_the_emulated_powerpc64_host() {
+    use rangevm_tests::tiny::{check_consecutive, parse_counter_lines};
+    use rangevm_tests::tiny_ppc64::{PpcExit, TinyPpcGuest};
+
+    let dir = std::env::temp_dir().join(format!("rangevm-tinyppc-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let hello = "hello from a tiny ppc64 guest, in more than sixteen bytes\n";
+    let guests = [
+        (
+            "hello.elf",
+            TinyPpcGuest::new().print(hello).exit(PpcExit::PowerOff),
+        ),
+        (
+            "reboot.elf",
+            TinyPpcGuest::new()
+                .print("rebooting\n")
+                .exit(PpcExit::Reboot),
+        ),
+        ("osterm.elf", TinyPpcGuest::new().exit(PpcExit::OsTerm)),
+        // 64 pages of 64 KiB from 16 MiB; a line every 16 passes.
+        (
+            "counter.elf",
+            TinyPpcGuest::new().counter(16 << 20, 64, 0x1_0000, 16),
+        ),
+    ];
+    let mut host = EmuHost::ppc64()
+        .with_file(static_rangevm_ppc64le().expect("build a static rangevm for ppc64le"));
+    for (name, guest) in &guests {
+        let path = dir.join(name);
+        guest.write_to(&path).expect("write a tiny guest");
+        host = host.with_file(path);
+    }
+    let mut script = String::from(
+        r#"waitfor() { i=0; until [ "$(grep -c "$2" "$1" 2>/dev/null)" -ge "${3:-1}" ] 2>/dev/null || [ $i -gt 600 ]; do sleep 0.2; i=$((i+1)); done; }
+for g in hello reboot osterm; do
+  rangevm run --kernel $g.elf --memory 64M >/tmp/$g.out 2>/tmp/$g.err; echo "$g-STATUS=$?"
+  echo "$g-OUT-BEGIN"; cat /tmp/$g.out; echo "$g-OUT-END"; cat /tmp/$g.err
+done
+"#,
+    );
+    for mode in ["precopy", "postcopy"] {
+        let flag = if mode == "postcopy" { "--postcopy" } else { "" };
+        script.push_str(&format!(
+            r#"rm -f /tmp/m.sock /tmp/src.api /tmp/dst.api /tmp/src.out /tmp/dst.out
+rangevm run --incoming unix:/tmp/m.sock --serial file:/tmp/dst.out --api-socket /tmp/dst.api </dev/null >/dev/null 2>/tmp/dst.err & dpid=$!
+rangevm run --kernel counter.elf --memory 128M --cpus 2 --serial file:/tmp/src.out --api-socket /tmp/src.api </dev/null >/dev/null 2>/tmp/src.err & spid=$!
+waitfor /tmp/src.out '^pass ' 3
+waitfor /tmp/dst.err 'waiting for an incoming migration'
+rangevm ctl --api-socket /tmp/src.api migrate send {flag} unix:/tmp/m.sock >/tmp/mig.out 2>&1; echo "{mode}-MIGRATE=$?"
+wait $spid; echo "{mode}-SRC=$?"
+n=$(grep -c '^pass ' /tmp/dst.out); waitfor /tmp/dst.out '^pass ' $((n + 3))
+rangevm ctl --api-socket /tmp/dst.api vm shutdown >/dev/null; wait $dpid; echo "{mode}-DST=$?"
+echo "{mode}-SRC-BEGIN"; cat /tmp/src.out; echo "{mode}-SRC-END"
+echo "{mode}-DST-BEGIN"; cat /tmp/dst.out; echo "{mode}-DST-END"
+grep -a 'downtime' /tmp/mig.out | tr '\r' '\n' | grep -a 'completed' | tail -n 1
+cat /tmp/src.err /tmp/dst.err | tr '\r' '\n' | grep -av '%'
+"#
+        ));
+    }
+    let console = host
+        .run(&script, Duration::from_secs(600))
+        .expect("boot the emulated PowerPC64 host");
+    let _ = std::fs::remove_dir_all(&dir);
+    let out = console.output.replace("\r\n", "\n").replace('\r', "\n");
+    eprintln!(
+        "emulated PowerPC64 host ran {:.1} s",
+        console.elapsed.as_secs_f64()
+    );
+    assert_eq!(value(&out, "hello-STATUS="), "0", "{out}");
+    assert_eq!(
+        section(&out, "hello-OUT-BEGIN\n", "hello-OUT-END").trim_end(),
+        hello.trim_end()
+    );
+    assert_eq!(value(&out, "reboot-STATUS="), "3", "{out}");
+    assert!(section(&out, "reboot-OUT-BEGIN\n", "reboot-OUT-END").contains("rebooting"));
+    assert_eq!(value(&out, "osterm-STATUS="), "5", "{out}");
+    assert!(
+        out.contains("tiny guest gives up"),
+        "the os-term message is logged:\n{out}"
+    );
+    for mode in ["precopy", "postcopy"] {
+        assert_eq!(
+            value(&out, &format!("{mode}-MIGRATE=")),
+            "0",
+            "{mode}:\n{out}"
+        );
+        assert_eq!(value(&out, &format!("{mode}-SRC=")), "0", "{mode}:\n{out}");
+        assert_eq!(value(&out, &format!("{mode}-DST=")), "0", "{mode}:\n{out}");
+        let src = section(
+            &out,
+            &format!("{mode}-SRC-BEGIN\n"),
+            &format!("{mode}-SRC-END"),
+        );
+        let dst = section(
+            &out,
+            &format!("{mode}-DST-BEGIN\n"),
+            &format!("{mode}-DST-END"),
+        );
+        let before = parse_counter_lines(src).unwrap_or_else(|e| panic!("{mode}: {e}\n{out}"));
+        // The source's last line may be cut off by the switch-over: the destination's
+        // console (the migrated 16550) finishes it, so its first line is whole.
+        let after = parse_counter_lines(dst).unwrap_or_else(|e| panic!("{mode}: {e}\n{out}"));
+        assert!(
+            before.len() >= 3 && after.len() >= 3,
+            "{mode}: too few passes:\n{out}"
+        );
+        let all: Vec<u64> = before.iter().chain(&after).copied().collect();
+        check_consecutive(&all, 16).unwrap_or_else(|e| panic!("{mode}: {e}\n{out}"));
+    }
+}
