@@ -4,6 +4,8 @@
 #   - directly on this host's /dev/kvm when that KVM can run a stock Linux guest;
 #   - otherwise inside an *emulated host* (QEMU software emulation with real nested KVM,
 #     resources/build-emuhost.sh), saying why. That path is slow (about 15-60 s).
+# On a ppc64le (POWER9 or later, kvm-hv, radix) host the guest is Debian's ppc64el kernel
+# and it boots directly (there is no emulated host for that case).
 # By default the guest prints its marker line, runs a command and powers off.
 #
 # Usage: scripts/boot-default-guest.sh [OPTIONS]
@@ -115,6 +117,20 @@ elif [ ! -r /dev/kvm ] || [ ! -w /dev/kvm ]; then
     why_not="you may not open /dev/kvm (add yourself to its group, e.g. 'sudo usermod -aG kvm $(id -un)', and log in again)"
 fi
 
+# On a PowerPC64 (ppc64le) host the default guest is Debian's ppc64el kernel
+# (resources/build-guest-ppc64.sh), booted on kvm-hv; there is no emulated host for it.
+host_arch="$(uname -m)"
+guest_script=build-guest.sh
+guest_kernel=vmlinuz
+guest_extra=" pci=off"
+if [ "$host_arch" = ppc64le ]; then
+    guest_script=build-guest-ppc64.sh
+    guest_kernel=vmlinux
+    guest_extra=""
+    [ -z "$why_not" ] || die "$why_not; on a POWER host load kvm-hv ('sudo modprobe kvm-hv') on a POWER9 or later booted in radix mode"
+    [ "$force" != emulated ] || usage_error "--emulated is for x86_64 hosts; this is a $host_arch host"
+fi
+
 mode=direct
 [ -z "$why_not" ] || mode=emulated
 [ -z "$force" ] || mode="$force"
@@ -139,16 +155,16 @@ check_emulated_host_tools() {
 cd "$ROOT"
 rangevm_binary "the first build takes a minute or two"
 
-say "building the default guest (resources/build-guest.sh; the first time it downloads about 70 MB of Debian packages)"
-bash "$ROOT/resources/build-guest.sh" || die "resources/build-guest.sh failed"
-guest_dir="$(bash "$ROOT/resources/build-guest.sh" --print-dir)"
-kernel="$guest_dir/vmlinuz"
+say "building the default guest (resources/$guest_script; the first time it downloads about 70 MB of Debian packages)"
+bash "$ROOT/resources/$guest_script" || die "resources/$guest_script failed"
+guest_dir="$(bash "$ROOT/resources/$guest_script" --print-dir)"
+kernel="$guest_dir/$guest_kernel"
 initrd="$guest_dir/initramfs.cpio.gz"
 base_cmdline="$(cat "$guest_dir/cmdline")"
 
-# The guest's command line: rangevm has no PCI (pci=off); the command travels base64-coded
+# The guest's command line: rangevm has no PCI (pci=off on x86); the command travels base64-coded
 # (with --shell only a command given with --command runs, before the prompt).
-cmdline="$base_cmdline pci=off"
+cmdline="$base_cmdline$guest_extra"
 if [ -n "$command_text" ] && { [ "$shell" -eq 0 ] || [ "$command_given" -eq 1 ]; }; then
     cmdline+=" rangevm.cmd64=$(printf '%s' "$command_text" | base64 -w0)"
 fi
