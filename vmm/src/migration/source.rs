@@ -1127,7 +1127,7 @@ mod tests {
     fn ram_with_balloon() -> GuestRam {
         let page = rangevm_memory::host_page_size();
         let ram = GuestRam::new(rangevm_memory::LockMode::Range, &[(0, 64 * page)]).unwrap();
-        let bytes = |b: u8| vec![b; page as usize];
+        let bytes = |b: u8| vec![b; usize::try_from(page).unwrap()];
         ram.write(page, &bytes(1)).unwrap();
         for p in 10..13u8 {
             ram.write(u64::from(p) * page, &bytes(p)).unwrap();
@@ -1150,7 +1150,7 @@ mod tests {
             &mut enc,
             0,
             64,
-            page.trailing_zeros() as u8,
+            u8::try_from(page.trailing_zeros()).unwrap(),
             &mut Vec::new(),
         )
         .unwrap();
@@ -1164,7 +1164,11 @@ mod tests {
         );
         let bytes = enc.into_inner();
         // 4 pages of contents plus a few frames of framing: nothing of the balloon's.
-        assert!(bytes.len() < 4 * page as usize + 8 * 64, "{}", bytes.len());
+        assert!(
+            bytes.len() < 4 * usize::try_from(page).unwrap() + 8 * 64,
+            "{}",
+            bytes.len()
+        );
         let mut dec = Decoder::new(&bytes[..]);
         let mut runs = Vec::new();
         while let Ok(Message::Pages(run)) = dec.recv() {
