@@ -2,7 +2,7 @@
 //! `cfg(target_arch)` is rare. x86_64 is here: a VM with guest RAM as memory slots, an
 //! in-kernel irqchip and PIT, the boot structures (boot params/PVH, e820, page tables,
 //! MP and ACPI tables), legacy devices on the port bus, and vCPUs. PowerPC64 (sPAPR) is
-//! `ppc64/`, with the same names. [`codec`]'s framing is shared by both states.
+//! `ppc64/`, with the same names. The `codec` framing is shared by both states.
 
 mod codec;
 #[cfg(target_arch = "powerpc64")]

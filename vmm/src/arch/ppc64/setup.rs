@@ -39,7 +39,7 @@ pub struct EntryPoint {
     pub fdt: u64,
     /// The kernel's lowest loaded address (r4).
     pub kernel_base: u64,
-    /// The kernel is little-endian (MSR[LE] at entry).
+    /// The kernel is little-endian (MSR bit LE at entry).
     pub little_endian: bool,
 }
 

@@ -5,8 +5,8 @@
 //!   the machine's 16550 (its registers at [`CONSOLE_PORT`] of the port bus, which only
 //!   this code reaches), so console output, input and its saved state are the x86
 //!   machine's;
-//! - H_SET_MODE: interrupt endianness (LPCR[ILE]) and the alternate interrupt location
-//!   (LPCR[AIL]), for every vCPU: each applies the wanted bits before it next enters
+//! - H_SET_MODE: interrupt endianness (LPCR bit ILE) and the alternate interrupt location
+//!   (LPCR bit AIL), for every vCPU: each applies the wanted bits before it next enters
 //!   the guest;
 //! - H_REGISTER_PROC_TBL: the guest's radix process table, handed to KVM with
 //!   KVM_PPC_CONFIGURE_V3_MMU;
@@ -94,9 +94,9 @@ struct CpuSlot {
 /// compares with the one it applied.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub(super) struct Modes {
-    /// Interrupts taken little-endian (LPCR[ILE]).
+    /// Interrupts taken little-endian (LPCR bit ILE).
     pub ile: bool,
-    /// LPCR[AIL] (0 or 3).
+    /// LPCR bit AIL (0 or 3).
     pub ail: u64,
     /// Bumped on each change.
     pub generation: u64,
