@@ -5,22 +5,23 @@
 //! `ppc64/`, with the same names. The `codec` framing is shared by both states.
 
 mod codec;
+mod exit;
 #[cfg(target_arch = "powerpc64")]
 mod ppc64;
 #[cfg(target_arch = "x86_64")]
 mod x86_64;
 
 pub use codec::CodecError;
+pub use exit::{IoHandler, VcpuStop};
 
 #[cfg(target_arch = "x86_64")]
 pub use self::x86_64::{
-    configure_system, create_legacy_devices, layout, ArchError, EntryPoint, IoHandler, KvmVcpu,
-    KvmVm, LegacyDevices, StateError, SystemConfig, VcpuState, VcpuStop, VmState, STATE_VERSION,
+    configure_system, create_legacy_devices, layout, ArchError, EntryPoint, KvmVcpu, KvmVm,
+    LegacyDevices, StateError, SystemConfig, VcpuState, VmState, STATE_VERSION,
 };
 
 #[cfg(target_arch = "powerpc64")]
 pub use self::ppc64::{
-    configure_system, create_legacy_devices, kvm, layout, ArchError, EntryPoint, IoHandler,
-    KvmVcpu, KvmVm, LegacyDevices, StateError, SystemConfig, VcpuState, VcpuStop, VmState,
-    STATE_VERSION,
+    configure_system, create_legacy_devices, kvm, layout, ArchError, EntryPoint, KvmVcpu, KvmVm,
+    LegacyDevices, StateError, SystemConfig, VcpuState, VmState, STATE_VERSION,
 };

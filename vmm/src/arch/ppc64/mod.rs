@@ -22,7 +22,7 @@ mod vm;
 
 pub use setup::{configure_system, create_legacy_devices, EntryPoint, LegacyDevices, SystemConfig};
 pub use state::{StateError, VcpuState, VmState, STATE_VERSION};
-pub use vcpu::{IoHandler, KvmVcpu, VcpuStop};
+pub use vcpu::KvmVcpu;
 pub use vm::KvmVm;
 
 /// Errors of the PowerPC64 back end.

@@ -23,7 +23,7 @@ use std::time::Duration;
 use rangevm_memory::GuestRam;
 
 use super::layout::{hcall::*, rtas, CONSOLE_PORT, VTY_TERMNO};
-use super::vcpu::{IoHandler, VcpuStop};
+use crate::arch::{IoHandler, VcpuStop};
 
 /// Where the VMM applies the radix MMU configuration (the VM fd; a fake in tests).
 pub(super) trait MmuControl: Send + Sync {

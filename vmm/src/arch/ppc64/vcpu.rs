@@ -13,38 +13,7 @@ use super::kvm::{reg, Exit, VcpuFd};
 use super::setup::EntryPoint;
 use super::spapr::{CpuRun, Effect, Spapr};
 use super::ArchError;
-
-/// Why a vCPU stopped running (rather than having an access or call handled).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum VcpuStop {
-    /// The guest halted (not seen on sPAPR: H_CEDE is answered in the kernel).
-    Halted,
-    /// KVM_EXIT_SHUTDOWN: the vCPU cannot go on.
-    TripleFault,
-    /// The guest asked for a reset (RTAS `system-reboot`, or a KVM system event).
-    ResetRequested,
-    /// The guest asked to power off (RTAS `power-off`).
-    PowerOffRequested,
-    /// The guest crashed (RTAS `ibm,os-term`).
-    Crashed,
-    /// KVM_RUN was interrupted by a signal (a kick from the VMM), or a stopped vCPU
-    /// waited for its start and is giving the VMM a turn.
-    Interrupted,
-    /// The guest did something the VMM does not handle: the exit, described.
-    Unhandled(String),
-}
-
-/// Where a vCPU's accesses go: MMIO, and the console's registers on the port bus.
-pub trait IoHandler {
-    /// A read of port `port`; unclaimed ports read as all ones.
-    fn pio_read(&self, port: u16, data: &mut [u8]);
-    /// A write of port `port`.
-    fn pio_write(&self, port: u16, data: &[u8]);
-    /// A read of MMIO space at `addr`.
-    fn mmio_read(&self, addr: u64, data: &mut [u8]);
-    /// A write of MMIO space at `addr`.
-    fn mmio_write(&self, addr: u64, data: &[u8]);
-}
+use crate::arch::{IoHandler, VcpuStop};
 
 /// MSR bits of the start state.
 pub(super) const MSR_SF: u64 = 1 << 63;

@@ -16,7 +16,7 @@ mod vm;
 pub use boot::EntryPoint;
 pub use setup::{configure_system, create_legacy_devices, LegacyDevices, SystemConfig};
 pub use state::{StateError, VcpuState, VmState, STATE_VERSION};
-pub use vcpu::{IoHandler, KvmVcpu, VcpuStop};
+pub use vcpu::KvmVcpu;
 pub use vm::KvmVm;
 
 /// Errors of the x86_64 back end.

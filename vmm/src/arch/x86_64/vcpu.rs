@@ -5,37 +5,7 @@ use kvm_ioctls::{VcpuExit, VcpuFd};
 use super::boot::EntryPoint;
 use super::vm::KvmVm;
 use super::{cpuid, regs, ArchError};
-
-/// Why a vCPU stopped running (rather than having an I/O access handled).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum VcpuStop {
-    /// The guest executed HLT (only seen without an in-kernel LAPIC).
-    Halted,
-    /// A triple fault: the CPU shut down (KVM_EXIT_SHUTDOWN).
-    TripleFault,
-    /// The guest asked KVM for a reset (KVM_SYSTEM_EVENT_RESET).
-    ResetRequested,
-    /// The guest asked KVM to power off (KVM_SYSTEM_EVENT_SHUTDOWN).
-    PowerOffRequested,
-    /// The guest crashed (KVM_SYSTEM_EVENT_CRASH).
-    Crashed,
-    /// KVM_RUN was interrupted by a signal (a kick from the VMM).
-    Interrupted,
-    /// The guest did something the VMM does not handle: the exit, described.
-    Unhandled(String),
-}
-
-/// Where a vCPU's port and MMIO accesses go.
-pub trait IoHandler {
-    /// An IN from `port`; unclaimed ports read as all ones.
-    fn pio_read(&self, port: u16, data: &mut [u8]);
-    /// An OUT to `port`.
-    fn pio_write(&self, port: u16, data: &[u8]);
-    /// A read of MMIO space at `addr`.
-    fn mmio_read(&self, addr: u64, data: &mut [u8]);
-    /// A write of MMIO space at `addr`.
-    fn mmio_write(&self, addr: u64, data: &[u8]);
-}
+use crate::arch::{IoHandler, VcpuStop};
 
 /// A vCPU of a [`super::KvmVm`].
 #[derive(Debug)]
