@@ -1,4 +1,5 @@
-//! Device state for snapshot and live migration: one small versioned byte format.
+//! Device state for snapshot and live migration: one small versioned byte format (the
+//! VMM frames its vCPU and VM state with it too, under versions of their own).
 //!
 //! Every blob is framed the same way (all integers little-endian):
 //!
@@ -34,7 +35,7 @@ const CRC_LEN: usize = 4;
 #[derive(Debug, thiserror::Error)]
 pub enum PersistError {
     /// The input ends before a field does.
-    #[error("Device state truncated: {what} needs {needed} bytes at offset {offset}")]
+    #[error("Saved state truncated: {what} needs {needed} bytes at offset {offset}")]
     Truncated {
         /// The field.
         what: &'static str,
@@ -47,7 +48,7 @@ pub enum PersistError {
     #[error("Not {0} state (wrong magic)")]
     Magic(&'static str),
     /// A format version this build does not read.
-    #[error("Device state version {found} is not supported (this build reads {supported})")]
+    #[error("Saved state version {found} is not supported (this build reads {supported})")]
     Version {
         /// The blob's version.
         found: u16,
@@ -55,7 +56,7 @@ pub enum PersistError {
         supported: u16,
     },
     /// The checksum does not match: the blob is damaged.
-    #[error("Device state checksum {found:#010x} does not match {computed:#010x}")]
+    #[error("Saved state checksum {found:#010x} does not match {computed:#010x}")]
     Checksum {
         /// The checksum in the blob.
         found: u32,
@@ -66,7 +67,7 @@ pub enum PersistError {
     #[error("{0} bytes after the end of the device state")]
     Trailing(usize),
     /// A list longer than its bound.
-    #[error("Device state has {len} {what}; at most {max} are allowed")]
+    #[error("Saved state has {len} {what}; at most {max} are allowed")]
     TooMany {
         /// The list.
         what: &'static str,
@@ -76,7 +77,7 @@ pub enum PersistError {
         max: usize,
     },
     /// A field holds a value that cannot be.
-    #[error("Device state has an invalid {0}")]
+    #[error("Saved state has an invalid {0}")]
     Invalid(&'static str),
     /// The state is of a device unlike the one restoring it.
     #[error("Device state {what} is {found}, but this device's is {expected}")]
@@ -192,7 +193,13 @@ impl Writer {
 
     /// The framed blob: header, payload, checksum (module docs).
     pub fn finish(self, magic: [u8; 4]) -> Result<Vec<u8>, PersistError> {
-        frame(magic, PERSIST_VERSION, &self.0)
+        self.finish_as(magic, PERSIST_VERSION)
+    }
+
+    /// The framed blob with a layout version of the caller's (the VMM's vCPU and VM
+    /// state use this framing with versions of their own).
+    pub fn finish_as(self, magic: [u8; 4], version: u16) -> Result<Vec<u8>, PersistError> {
+        frame(magic, version, &self.0)
     }
 }
 
@@ -235,15 +242,25 @@ impl<'a> Reader<'a> {
         kind: &'static str,
         bytes: &'a [u8],
     ) -> Result<Self, PersistError> {
+        Self::unframe_as(magic, PERSIST_VERSION, kind, bytes)
+    }
+
+    /// [`Reader::unframe`] for a blob of layout `version` (see [`Writer::finish_as`]).
+    pub fn unframe_as(
+        magic: [u8; 4],
+        version: u16,
+        kind: &'static str,
+        bytes: &'a [u8],
+    ) -> Result<Self, PersistError> {
         let mut r = Reader::new(bytes);
         if r.array::<4>("magic")? != magic {
             return Err(PersistError::Magic(kind));
         }
-        let version = r.u16("version")?;
-        if version != PERSIST_VERSION {
+        let found = r.u16("version")?;
+        if found != version {
             return Err(PersistError::Version {
-                found: version,
-                supported: PERSIST_VERSION,
+                found,
+                supported: version,
             });
         }
         if r.u16("reserved header field")? != 0 {
@@ -452,5 +469,52 @@ pub(crate) mod tests {
         assert_damage_is_refused(&blob, *b"TEST", |b| {
             Reader::unframe(*b"TEST", "test", b).and_then(|r| r.end())
         });
+    }
+
+    #[test]
+    fn a_frame_of_another_version_reads_back_only_as_that_version() {
+        let mut w = Writer::new();
+        w.bytes(b"payload");
+        let bytes = w.finish_as(*b"TEST", 3).unwrap();
+        let mut r = Reader::unframe_as(*b"TEST", 3, "test", &bytes).unwrap();
+        assert_eq!(r.take(7, "payload").unwrap(), b"payload");
+        r.end().unwrap();
+        for len in 0..bytes.len() {
+            assert!(Reader::unframe_as(*b"TEST", 3, "test", &bytes[..len]).is_err());
+        }
+        let mut bad = bytes.clone();
+        for at in 0..bytes.len() {
+            bad[at] ^= 0x10;
+            assert!(
+                Reader::unframe_as(*b"TEST", 3, "test", &bad).is_err(),
+                "byte {at}"
+            );
+            bad[at] ^= 0x10;
+        }
+        assert!(matches!(
+            Reader::unframe_as(*b"TEST", 4, "test", &bytes),
+            Err(PersistError::Version {
+                found: 3,
+                supported: 4
+            })
+        ));
+        assert!(matches!(
+            Reader::unframe(*b"TEST", "test", &bytes),
+            Err(PersistError::Version { found: 3, .. })
+        ));
+        assert!(matches!(
+            Reader::unframe_as(*b"OTHR", 3, "other", &bytes),
+            Err(PersistError::Magic("other"))
+        ));
+        let mut r = Reader::new(&[5, 0, 0, 0, 1]);
+        assert!(matches!(
+            r.count("things", 4, 1),
+            Err(PersistError::TooMany { len: 5, .. })
+        ));
+        let mut r = Reader::new(&[3, 0, 0, 0, 1]);
+        assert!(matches!(
+            r.count("things", 4, 1),
+            Err(PersistError::Truncated { .. })
+        ));
     }
 }

@@ -24,7 +24,7 @@
 //!       | source count u32 (<= 1024), (irq u32, state u64)
 //! ```
 
-use crate::arch::codec::{frame, unframe, CodecError, Reader, Writer};
+use crate::arch::codec::{CodecError, Reader, Writer};
 
 use super::kvm::{reg, Regs};
 use super::layout::XICS_IRQ_BASE;
@@ -280,12 +280,12 @@ impl VcpuState {
             w.u8(u8::try_from(bytes.len()).map_err(|_| CodecError::Invalid("register size"))?);
             w.bytes(bytes);
         }
-        Ok(frame(VCPU_MAGIC, STATE_VERSION, &w.0)?)
+        Ok(w.finish_as(VCPU_MAGIC, STATE_VERSION)?)
     }
 
     /// Reads the byte form back; any damage, truncation or other version is an error.
     pub fn from_bytes(bytes: &[u8]) -> Result<Self, StateError> {
-        let mut r = Reader::new(unframe(VCPU_MAGIC, STATE_VERSION, "vCPU", bytes)?);
+        let mut r = Reader::unframe_as(VCPU_MAGIC, STATE_VERSION, "vCPU", bytes)?;
         let mut f = [0u64; 49];
         for v in &mut f {
             *v = r.u64("registers")?;
@@ -340,12 +340,12 @@ impl VmState {
             w.u32(irq);
             w.u64(v);
         }
-        Ok(frame(VM_MAGIC, STATE_VERSION, &w.0)?)
+        Ok(w.finish_as(VM_MAGIC, STATE_VERSION)?)
     }
 
     /// Reads the byte form back; any damage, truncation or other version is an error.
     pub fn from_bytes(bytes: &[u8]) -> Result<Self, StateError> {
-        let mut r = Reader::new(unframe(VM_MAGIC, STATE_VERSION, "VM", bytes)?);
+        let mut r = Reader::unframe_as(VM_MAGIC, STATE_VERSION, "VM", bytes)?;
         let ile = r.flag("ILE flag")?;
         let ail = r.u64("AIL")?;
         if ail > 3 {

@@ -1,7 +1,7 @@
 //! The byte form of [`VcpuState`] and [`VmState`] (layout in the parent module's docs):
 //! an explicit little-endian encoder and a checked decoder, field by field.
 
-use crate::arch::codec::{frame, unframe, CodecError, Reader, Writer};
+use crate::arch::codec::{CodecError, Reader, Writer};
 use kvm_bindings::{
     kvm_clock_data, kvm_cpuid_entry2, kvm_debugregs, kvm_dtable, kvm_fpu, kvm_ioapic_state,
     kvm_lapic_state, kvm_mp_state, kvm_msr_entry, kvm_pic_state, kvm_pit_channel_state,
@@ -296,12 +296,12 @@ impl VcpuState {
         put_events(&mut w, &self.events);
         w.flag(self.tsc_khz.is_some());
         w.u32(self.tsc_khz.unwrap_or(0));
-        Ok(frame(VCPU_MAGIC, STATE_VERSION, &w.0)?)
+        Ok(w.finish_as(VCPU_MAGIC, STATE_VERSION)?)
     }
 
     /// Reads the byte form back; any damage, truncation or other version is an error.
     pub fn from_bytes(bytes: &[u8]) -> Result<Self, StateError> {
-        let mut r = Reader::new(unframe(VCPU_MAGIC, STATE_VERSION, "vCPU", bytes)?);
+        let mut r = Reader::unframe_as(VCPU_MAGIC, STATE_VERSION, "vCPU", bytes)?;
         let n = r.count("CPUID entries", KVM_MAX_CPUID_ENTRIES, 28)?;
         let mut cpuid = Vec::with_capacity(n);
         for _ in 0..n {
@@ -488,12 +488,12 @@ impl VmState {
         w.u32(clock.flags);
         w.u64(clock.realtime);
         w.u64(clock.host_tsc);
-        Ok(frame(VM_MAGIC, STATE_VERSION, &w.0)?)
+        Ok(w.finish_as(VM_MAGIC, STATE_VERSION)?)
     }
 
     /// Reads the byte form back; any damage, truncation or other version is an error.
     pub fn from_bytes(bytes: &[u8]) -> Result<Self, StateError> {
-        let mut r = Reader::new(unframe(VM_MAGIC, STATE_VERSION, "VM", bytes)?);
+        let mut r = Reader::unframe_as(VM_MAGIC, STATE_VERSION, "VM", bytes)?;
         let mut pics = [kvm_pic_state::default(); 2];
         for pic in &mut pics {
             for b in pic_fields(pic) {
@@ -536,7 +536,10 @@ impl VmState {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::arch::codec::{crc32, CRC_LEN, HEADER_LEN};
+    /// The frame around a payload (module docs): magic, version, reserved, length;
+    /// and the checksum after it.
+    const HEADER_LEN: usize = 12;
+    const CRC_LEN: usize = 4;
 
     /// A vCPU state with a distinct value in every encoded field.
     fn sample_vcpu() -> VcpuState {
@@ -774,14 +777,8 @@ mod tests {
     /// (or an attacker) would.
     fn reframe(magic: [u8; 4], version: u16, payload: &[u8]) -> Vec<u8> {
         let mut w = Writer::default();
-        w.bytes(&magic);
-        w.u16(version);
-        w.u16(0);
-        w.u32(u32::try_from(payload.len()).unwrap());
         w.bytes(payload);
-        let crc = crc32(&w.0);
-        w.u32(crc);
-        w.0
+        w.finish_as(magic, version).unwrap()
     }
 
     #[test]
