@@ -32,7 +32,8 @@ pub use persist::PersistError;
 pub use ratelimit::LogLimiter;
 pub use virtio::{
     Balloon, BalloonConfig, BalloonError, BalloonMetrics, BalloonStats, MmioError, MmioTransport,
-    RestoreContext, VirtioDevice, VirtioError, VirtioInterrupt,
+    PciError, PciIdentity, PciTransport, RestoreContext, VirtioDevice, VirtioError,
+    VirtioInterrupt,
 };
 
 #[doc(hidden)]

@@ -24,6 +24,9 @@ pub const SERIAL_MAGIC: [u8; 4] = *b"RVSR";
 /// Magic of a virtio-mmio transport's state, with its device's
 /// ([`MmioTransport::save_state`](crate::MmioTransport::save_state)).
 pub const VIRTIO_MMIO_MAGIC: [u8; 4] = *b"RVVM";
+/// Magic of a virtio PCI transport's state, with its device's
+/// ([`PciTransport::save_state`](crate::PciTransport::save_state)).
+pub const VIRTIO_PCI_MAGIC: [u8; 4] = *b"RVVP";
 /// The format version this build writes and reads.
 pub const PERSIST_VERSION: u16 = 1;
 

@@ -24,12 +24,15 @@ use crate::LogLimiter;
 
 pub mod balloon;
 pub mod mmio;
+pub mod pci;
 pub mod queue;
 #[cfg(test)]
 pub(crate) mod test_utils;
+mod transport;
 
 pub use balloon::{Balloon, BalloonConfig, BalloonError, BalloonMetrics, BalloonStats};
 pub use mmio::{MmioError, MmioTransport};
+pub use pci::{PciError, PciIdentity, PciTransport};
 pub use queue::{Chain, Descriptor, Popped, Queue, QueueConfig, QueueError};
 
 /// Feature bit every device offers: a virtio 1.x device (no legacy interface).

@@ -15,8 +15,8 @@ use super::{
 pub use persist::BalloonState;
 
 use crate::persist::{PersistError, Reader, Writer};
-use crate::virtio::mmio::error_chain;
 use crate::virtio::queue::{Chain, Popped, Queue};
+use crate::virtio::transport::error_chain;
 use crate::virtio::{
     in_ram, in_regions, usize_of, RestoreContext, VirtioDevice, VirtioError, VirtioInterrupt,
     VIRTIO_F_VERSION_1,

@@ -6,6 +6,12 @@ use crate::virtio::balloon::{
     VIRTIO_BALLOON_F_REPORTING, VIRTIO_BALLOON_F_STATS_VQ, VIRTIO_ID_BALLOON,
 };
 use crate::virtio::test_utils::{r, TestDriver, QUEUE_BASE, RAM_SIZE};
+use crate::virtio::transport::error_chain;
+use crate::virtio::VIRTIO_F_VERSION_1;
+use virtio_bindings::virtio_config::{
+    VIRTIO_CONFIG_S_ACKNOWLEDGE, VIRTIO_CONFIG_S_DRIVER, VIRTIO_CONFIG_S_DRIVER_OK,
+    VIRTIO_CONFIG_S_FEATURES_OK, VIRTIO_CONFIG_S_NEEDS_RESET,
+};
 
 const V1: u64 = 1 << VIRTIO_F_VERSION_1;
 
@@ -169,7 +175,7 @@ fn queue_setup_refuses_bad_sizes_and_rings() {
     assert!(d.setup_queue(0, 16, None));
     // A ready queue's registers are frozen until it is disabled.
     d.write32(reg::VIRTIO_MMIO_QUEUE_NUM, 32);
-    assert_eq!(d.transport.queues[0].size, 16);
+    assert_eq!(d.transport.core.queues[0].size, 16);
     d.write32(reg::VIRTIO_MMIO_QUEUE_READY, 0);
     assert_eq!(d.read32(reg::VIRTIO_MMIO_QUEUE_READY), 0);
     assert!(d.setup_queue(0, 256, None));
