@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use rangevm_devices::{Balloon, Bus, GuestRequests, GuestRequestsError, MmioTransport, Serial};
+use rangevm_devices::{Bus, GuestRequests, GuestRequestsError, Serial};
 use rangevm_memory::{host_page_size, DirtyLog, GuestRam, GuestRamError, HarvestStats, LockMode};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
@@ -127,7 +127,7 @@ impl IoHandler for MachineIo {
 pub struct Machine {
     vcpus: Vec<VcpuHandle>,
     serial: Arc<Mutex<Serial>>,
-    balloon: Arc<Mutex<MmioTransport<Balloon>>>,
+    balloon: Arc<Mutex<arch::BalloonTransport>>,
     requests: Arc<GuestRequests>,
     vcpu_exited: Arc<EventFd>,
     info: MachineInfo,
@@ -231,7 +231,7 @@ struct Parts {
     vm: KvmVm,
     requests: Arc<GuestRequests>,
     serial: Arc<Mutex<Serial>>,
-    balloon: Arc<Mutex<MmioTransport<Balloon>>>,
+    balloon: Arc<Mutex<arch::BalloonTransport>>,
     io: Arc<MachineIo>,
     vcpus: Vec<crate::arch::KvmVcpu>,
     info: MachineInfo,
@@ -577,7 +577,7 @@ impl Machine {
     }
 
     /// The virtio balloon.
-    pub fn balloon(&self) -> &Arc<Mutex<MmioTransport<Balloon>>> {
+    pub fn balloon(&self) -> &Arc<Mutex<arch::BalloonTransport>> {
         &self.balloon
     }
 

@@ -1,6 +1,6 @@
 //! The virtio PCI transport, "modern" layout (virtio 1.2 section 4.1), for one
 //! [`VirtioDevice`]: a conventional PCI function (type 0 header, vendor 0x1af4, device
-//! 0x1040 + the virtio device type, revision 1) with one 64-bit memory BAR that holds
+//! 0x1040 + the virtio device type, revision 1) with one 32-bit memory BAR that holds
 //! the four areas its vendor capabilities point at:
 //!
 //! | BAR 0 offset | area | accesses |
@@ -47,8 +47,8 @@ const COMMAND_MEMORY: u16 = 1 << 1;
 const STATUS_INTERRUPT: u16 = 1 << 3;
 /// The status register's capabilities-list bit.
 const STATUS_CAP_LIST: u16 = 1 << 4;
-/// BAR 0's low bits: memory space, 64-bit, not prefetchable.
-const BAR_MEM_64: u32 = 0b100;
+/// BAR 0's low bits: memory space, 32-bit, not prefetchable (all zero).
+const BAR_MEM_32: u32 = 0;
 
 const COMMON_OFFSET: u64 = 0;
 const ISR_OFFSET: u64 = 0x1000;
@@ -101,6 +101,14 @@ pub struct PciIdentity {
     pub subsystem: u16,
     /// Interrupt pin (1 = INTA).
     pub interrupt_pin: u8,
+}
+
+impl PciIdentity {
+    /// The identity a [`PciTransport`] for a device of `device_type` has (a device
+    /// tree can be written before the device exists).
+    pub fn of_virtio(device_type: u32) -> Self {
+        identity_of(&fresh_config(device_type).0)
+    }
 }
 
 /// The virtio PCI transport around one device. See the module documentation.
@@ -168,32 +176,19 @@ impl<D: VirtioDevice> PciTransport<D> {
 
     /// The IDs the host bridge describes the function with.
     pub fn identity(&self) -> PciIdentity {
-        let c = &self.config;
-        PciIdentity {
-            vendor: self.u16_at(0x00),
-            device: self.u16_at(0x02),
-            revision: c[0x08],
-            class_code: u32::from_le_bytes([c[0x09], c[0x0a], c[0x0b], 0]),
-            subsystem_vendor: self.u16_at(0x2c),
-            subsystem: self.u16_at(0x2e),
-            interrupt_pin: c[0x3d],
-        }
+        identity_of(&self.config)
     }
 
-    /// The guest-physical (PCI bus) address BAR 0 holds.
+    /// The PCI bus address BAR 0 holds.
     pub fn bar_address(&self) -> u64 {
-        let low = u32::from_le_bytes(self.bytes4(0x10)) & !0xf;
-        let high = u32::from_le_bytes(self.bytes4(0x14));
-        (u64::from(high) << 32) | u64::from(low)
+        u64::from(u32::from_le_bytes(self.bytes4(0x10)) & !0xf)
     }
 
-    /// Programs BAR 0 with `address` (aligned to [`VIRTIO_PCI_BAR_SIZE`]) and turns
-    /// memory decoding on: what firmware does before the guest boots.
-    pub fn assign_bar(&mut self, address: u64) {
-        let low = u32::try_from(address & 0xffff_ffff).unwrap_or(0) & !0xf;
-        let high = u32::try_from(address >> 32).unwrap_or(0);
-        self.config_write(0x10, &low.to_le_bytes());
-        self.config_write(0x14, &high.to_le_bytes());
+    /// Programs BAR 0 with `address` (its bits below [`VIRTIO_PCI_BAR_SIZE`] are
+    /// dropped) and turns memory decoding on: what firmware does before the guest
+    /// boots.
+    pub fn assign_bar(&mut self, address: u32) {
+        self.config_write(0x10, &address.to_le_bytes());
         let command = self.u16_at(0x04) | COMMAND_MEMORY;
         self.config_write(0x04, &command.to_le_bytes());
     }
@@ -472,6 +467,19 @@ impl<D: VirtioDevice> PciTransport<D> {
     }
 }
 
+fn identity_of(c: &[u8; PCI_CONFIG_SIZE]) -> PciIdentity {
+    let u16_at = |at: usize| u16::from_le_bytes([c[at], c[at + 1]]);
+    PciIdentity {
+        vendor: u16_at(0x00),
+        device: u16_at(0x02),
+        revision: c[0x08],
+        class_code: u32::from_le_bytes([c[0x09], c[0x0a], c[0x0b], 0]),
+        subsystem_vendor: u16_at(0x2c),
+        subsystem: u16_at(0x2e),
+        interrupt_pin: c[0x3d],
+    }
+}
+
 /// Configuration space after reset, and its writable bits.
 fn fresh_config(device_type: u32) -> ([u8; PCI_CONFIG_SIZE], [u8; PCI_CONFIG_SIZE]) {
     let mut c = [0u8; PCI_CONFIG_SIZE];
@@ -488,7 +496,7 @@ fn fresh_config(device_type: u32) -> ([u8; PCI_CONFIG_SIZE], [u8; PCI_CONFIG_SIZ
     put(&mut c, 0x06, &STATUS_CAP_LIST.to_le_bytes());
     // Revision 1 (modern); class "unclassified device" (0xff, 0x00, 0x00).
     put(&mut c, 0x08, &[1, 0x00, 0x00, 0xff]);
-    put(&mut c, 0x10, &BAR_MEM_64.to_le_bytes());
+    put(&mut c, 0x10, &BAR_MEM_32.to_le_bytes());
     put(&mut c, 0x2c, &VIRTIO_PCI_VENDOR_ID.to_le_bytes());
     put(&mut c, 0x2e, &0x0040u16.to_le_bytes());
     c[0x34] = u8::try_from(CAP_COMMON).unwrap_or(0);
@@ -514,12 +522,11 @@ fn fresh_config(device_type: u32) -> ([u8; PCI_CONFIG_SIZE], [u8; PCI_CONFIG_SIZ
     put(&mut c, CAP_NOTIFY + 16, &NOTIFY_MULTIPLIER.to_le_bytes());
 
     // Writable: command (memory space, bus master, INTx disable), BAR 0's address
-    // bits above its size, BAR 1 (the high half), the interrupt line, and the
-    // access window's BAR, offset, length and data.
+    // bits above its size, the interrupt line, and the access window's BAR, offset,
+    // length and data.
     put(&mut m, 0x04, &0x0406u16.to_le_bytes());
     let size_mask = u32::try_from(!(VIRTIO_PCI_BAR_SIZE - 1) & 0xffff_fff0).unwrap_or(0);
     put(&mut m, 0x10, &size_mask.to_le_bytes());
-    put(&mut m, 0x14, &[0xff; 4]);
     m[0x3c] = 0xff;
     m[CFG_BAR] = 0xff;
     put(&mut m, CFG_OFFSET, &[0xff; 12]);

@@ -16,12 +16,12 @@ pub use exit::{IoHandler, VcpuStop};
 
 #[cfg(target_arch = "x86_64")]
 pub use self::x86_64::{
-    configure_system, create_legacy_devices, layout, ArchError, EntryPoint, KvmVcpu, KvmVm,
-    LegacyDevices, StateError, SystemConfig, VcpuState, VmState, STATE_VERSION,
+    configure_system, create_legacy_devices, layout, ArchError, BalloonTransport, EntryPoint,
+    KvmVcpu, KvmVm, LegacyDevices, StateError, SystemConfig, VcpuState, VmState, STATE_VERSION,
 };
 
 #[cfg(target_arch = "powerpc64")]
 pub use self::ppc64::{
-    configure_system, create_legacy_devices, kvm, layout, ArchError, EntryPoint, KvmVcpu, KvmVm,
-    LegacyDevices, StateError, SystemConfig, VcpuState, VmState, STATE_VERSION,
+    configure_system, create_legacy_devices, kvm, layout, ArchError, BalloonTransport, EntryPoint,
+    KvmVcpu, KvmVm, LegacyDevices, StateError, SystemConfig, VcpuState, VmState, STATE_VERSION,
 };

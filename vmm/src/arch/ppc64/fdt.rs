@@ -8,11 +8,18 @@
 //! would have left: "radix only, with GTSE"), the `/rtas` node (where the RTAS blob is,
 //! the tokens of the calls the VMM answers, and `ibm,hypertas-functions`, which tells
 //! the kernel which hypercall sets exist), the virtual terminal under `/vdevice`, the
-//! XICS interrupt presentation node, and the virtio-mmio windows.
+//! XICS interrupt presentation node, and the PCI host bridge with a node for each of its
+//! functions (pseries Linux creates its PCI devices from these nodes instead of scanning
+//! the bus; see [`super::phb`]).
 
 use vm_fdt::{FdtReserveEntry, FdtWriter};
 
-use super::layout::{rtas, CMDLINE_MAX_SIZE, FDT_MAX_SIZE, VTY_TERMNO};
+use rangevm_devices::PciIdentity;
+
+use super::layout::{
+    rtas, CMDLINE_MAX_SIZE, FDT_MAX_SIZE, PHB_BUID, PHB_MEM_CPU, PHB_MEM_PCI, PHB_MEM_SIZE,
+    VTY_TERMNO,
+};
 
 /// Errors of building the device tree.
 #[derive(Debug, thiserror::Error)]
@@ -34,14 +41,19 @@ impl From<vm_fdt::Error> for FdtError {
     }
 }
 
-/// A virtio-mmio window and its interrupt.
+/// A function on the PCI host bridge (bus 0, function 0 of `device`) with one 32-bit
+/// memory BAR (BAR 0) and INTA.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct MmioNode {
-    /// Guest-physical base.
-    pub base: u64,
-    /// Bytes.
-    pub size: u64,
-    /// XICS interrupt number.
+pub struct PciNode {
+    /// Device number (0-31).
+    pub device: u8,
+    /// Its IDs.
+    pub identity: PciIdentity,
+    /// BAR 0's PCI bus address, inside the PHB's window.
+    pub bar: u32,
+    /// BAR 0's size.
+    pub bar_size: u64,
+    /// The XICS source INTA is routed to.
     pub irq: u32,
 }
 
@@ -62,15 +74,15 @@ pub struct FdtConfig<'a> {
     pub rtas_size: u64,
     /// The timebase frequency (Hz) the guest reads its clock by.
     pub timebase_hz: u32,
-    /// The virtio-mmio devices.
-    pub mmio: &'a [MmioNode],
+    /// The functions on the PCI host bridge.
+    pub pci: &'a [PciNode],
 }
 
 /// The terminal number as the 32-bit cell of its `reg`.
 #[allow(clippy::cast_possible_truncation)] // Checked by the assertion.
 const VTY_TERMNO_U32: u32 = VTY_TERMNO as u32;
 const _: () = assert!(VTY_TERMNO <= u32::MAX as u64);
-/// The XICS node's phandle (the virtio-mmio nodes' interrupt parent).
+/// The XICS node's phandle (where the PHB's `interrupt-map` points).
 const XICS_PHANDLE: u32 = 0x1111;
 /// The sense cell of a message-style (edge) XICS interrupt.
 const IRQ_EDGE: u32 = 0;
@@ -87,7 +99,7 @@ const HYPERTAS: [&str; 8] = [
     "hcall-copy",
 ];
 /// The RTAS calls and their tokens.
-pub const RTAS_CALLS: [(&str, u32); 14] = [
+pub const RTAS_CALLS: [(&str, u32); 16] = [
     ("display-character", rtas::DISPLAY_CHARACTER),
     ("get-time-of-day", rtas::GET_TIME_OF_DAY),
     ("set-time-of-day", rtas::SET_TIME_OF_DAY),
@@ -102,7 +114,14 @@ pub const RTAS_CALLS: [(&str, u32); 14] = [
     ("ibm,get-xive", rtas::IBM_GET_XIVE),
     ("ibm,int-off", rtas::IBM_INT_OFF),
     ("ibm,int-on", rtas::IBM_INT_ON),
+    ("ibm,read-pci-config", rtas::IBM_READ_PCI_CONFIG),
+    ("ibm,write-pci-config", rtas::IBM_WRITE_PCI_CONFIG),
 ];
+/// Open Firmware PCI address space codes (bits 24-25 of `phys.hi`).
+const SS_CONFIG: u32 = 0;
+const SS_MEM32: u32 = 2 << 24;
+/// `phys.hi` bit 31: the address is not relocatable (an assigned address).
+const PHYS_NOT_RELOCATABLE: u32 = 1 << 31;
 /// `ibm,architecture-vec-5`: byte 24 (OV5_MMU_SUPPORT) = radix only, byte 26
 /// (OV5_RADIX_GTSE) = guest translation shootdown: what CAS would have agreed with a
 /// POWER9 radix hypervisor.
@@ -162,15 +181,7 @@ pub fn create_fdt(cfg: &FdtConfig<'_>) -> Result<Vec<u8>, FdtError> {
     fdt.property_phandle(XICS_PHANDLE)?;
     fdt.end_node(xics)?;
 
-    for dev in cfg.mmio {
-        let node = fdt.begin_node(&format!("virtio_mmio@{:x}", dev.base))?;
-        fdt.property_string("compatible", "virtio,mmio")?;
-        fdt.property_array_u64("reg", &[dev.base, dev.size])?;
-        fdt.property_array_u32("interrupts", &[dev.irq, IRQ_EDGE])?;
-        fdt.property_u32("interrupt-parent", XICS_PHANDLE)?;
-        fdt.property_null("dma-coherent")?;
-        fdt.end_node(node)?;
-    }
+    phb_node(&mut fdt, cfg)?;
 
     fdt.end_node(root)?;
     let blob = fdt.finish()?;
@@ -230,6 +241,98 @@ fn chosen_node(fdt: &mut FdtWriter, cfg: &FdtConfig<'_>) -> Result<(), FdtError>
     fdt.property_string("stdout-path", &console)?;
     fdt.property("ibm,architecture-vec-5", &architecture_vec_5())?;
     fdt.end_node(chosen)?;
+    Ok(())
+}
+
+/// The PHB (child of the root, as `pSeries_discover_phbs` looks for it): its BUID in
+/// `reg`, bus 0 only, one 32-bit memory window, INTA of each function routed to the
+/// XICS; then one node per function with its IDs, config address, BAR (`reg` gives the
+/// size, `assigned-addresses` where it is) and interrupt pin.
+fn phb_node(fdt: &mut FdtWriter, cfg: &FdtConfig<'_>) -> Result<(), FdtError> {
+    let hi = |v: u64| u32::try_from(v >> 32).unwrap_or(0);
+    let lo = |v: u64| u32::try_from(v & 0xffff_ffff).unwrap_or(0);
+    let node = fdt.begin_node(&format!("pci@{PHB_BUID:x}"))?;
+    fdt.property_string("device_type", "pci")?;
+    fdt.property_string("compatible", "IBM,Logical_PHB")?;
+    fdt.property_u32("#address-cells", 3)?;
+    fdt.property_u32("#size-cells", 2)?;
+    fdt.property_u32("#interrupt-cells", 1)?;
+    fdt.property_null("used-by-rtas")?;
+    fdt.property_array_u32("bus-range", &[0, 0])?;
+    fdt.property_array_u64("reg", &[PHB_BUID, 0])?;
+    // (phys.hi, PCI address) -> (CPU address) for size bytes.
+    fdt.property_array_u32(
+        "ranges",
+        &[
+            SS_MEM32,
+            0,
+            PHB_MEM_PCI,
+            hi(PHB_MEM_CPU),
+            lo(PHB_MEM_CPU),
+            hi(PHB_MEM_SIZE),
+            lo(PHB_MEM_SIZE),
+        ],
+    )?;
+    // Match on the device number and the pin; each entry: child unit address (3
+    // cells), pin, XICS phandle, source, sense.
+    fdt.property_array_u32("interrupt-map-mask", &[0x1f << 11, 0, 0, 7])?;
+    let map: Vec<u32> = cfg
+        .pci
+        .iter()
+        .flat_map(|f| {
+            let pin = u32::from(f.identity.interrupt_pin);
+            [
+                u32::from(f.device) << 11,
+                0,
+                0,
+                pin,
+                XICS_PHANDLE,
+                f.irq,
+                IRQ_EDGE,
+            ]
+        })
+        .collect();
+    fdt.property_array_u32("interrupt-map", &map)?;
+    for f in cfg.pci {
+        let devfn = u32::from(f.device) << 11;
+        let child = fdt.begin_node(&format!("pci@{:x}", f.device))?;
+        let id = &f.identity;
+        fdt.property_u32("vendor-id", id.vendor.into())?;
+        fdt.property_u32("device-id", id.device.into())?;
+        fdt.property_u32("revision-id", id.revision.into())?;
+        fdt.property_u32("class-code", id.class_code)?;
+        fdt.property_u32("subsystem-vendor-id", id.subsystem_vendor.into())?;
+        fdt.property_u32("subsystem-id", id.subsystem.into())?;
+        fdt.property_u32("interrupts", id.interrupt_pin.into())?;
+        let bar0 = devfn | 0x10;
+        fdt.property_array_u32(
+            "reg",
+            &[
+                SS_CONFIG | devfn,
+                0,
+                0,
+                0,
+                0,
+                SS_MEM32 | bar0,
+                0,
+                0,
+                hi(f.bar_size),
+                lo(f.bar_size),
+            ],
+        )?;
+        fdt.property_array_u32(
+            "assigned-addresses",
+            &[
+                PHYS_NOT_RELOCATABLE | SS_MEM32 | bar0,
+                0,
+                f.bar,
+                hi(f.bar_size),
+                lo(f.bar_size),
+            ],
+        )?;
+        fdt.end_node(child)?;
+    }
+    fdt.end_node(node)?;
     Ok(())
 }
 
@@ -304,7 +407,7 @@ pub(super) fn find_property<'a>(blob: &'a [u8], path: &str, prop: &str) -> Optio
 mod tests {
     use super::*;
 
-    fn cfg<'a>(cmdline: &'a str, mmio: &'a [MmioNode]) -> FdtConfig<'a> {
+    fn cfg<'a>(cmdline: &'a str, pci: &'a [PciNode]) -> FdtConfig<'a> {
         FdtConfig {
             memory: 512 << 20,
             cpus: 2,
@@ -313,7 +416,7 @@ mod tests {
             rtas_base: 0xf0f_0000,
             rtas_size: 0x1_0000,
             timebase_hz: 512_000_000,
-            mmio,
+            pci,
         }
     }
 
@@ -325,12 +428,14 @@ mod tests {
 
     #[test]
     fn the_tree_holds_what_a_pseries_kernel_reads() {
-        let mmio = [MmioNode {
-            base: 0x2000_0000_0000,
-            size: 0x1000,
+        let pci = [PciNode {
+            device: 0,
+            identity: PciIdentity::of_virtio(5),
+            bar: 0x8000_0000,
+            bar_size: 0x4000,
             irq: 0x1001,
         }];
-        let blob = create_fdt(&cfg("console=hvc0 quiet", &mmio)).unwrap();
+        let blob = create_fdt(&cfg("console=hvc0 quiet", &pci)).unwrap();
         assert_eq!(&blob[..4], &[0xd0, 0x0d, 0xfe, 0xed]);
         // The memory reservation block holds RTAS, then the terminating empty entry.
         let rsv = u32::from_be_bytes(blob[16..20].try_into().unwrap()) as usize;
@@ -369,10 +474,42 @@ mod tests {
             be32s(p("/interrupt-controller", "ibm,interrupt-server-ranges")),
             [0, 2]
         );
-        let v = "/virtio_mmio@200000000000";
-        assert_eq!(be32s(p(v, "interrupts")), [0x1001, 0]);
-        assert_eq!(be32s(p(v, "interrupt-parent")), [XICS_PHANDLE]);
-        assert_eq!(be32s(p(v, "reg")), [0x2000, 0, 0, 0x1000]);
+        let phb = "/pci@800000020000000";
+        assert_eq!(p(phb, "device_type"), b"pci\0");
+        assert_eq!(be32s(p(phb, "reg")), [0x0800_0000, 0x2000_0000, 0, 0]);
+        assert_eq!(
+            be32s(p(phb, "ranges")),
+            [
+                0x0200_0000,
+                0,
+                0x8000_0000,
+                0x2000,
+                0x8000_0000,
+                0,
+                0x1000_0000
+            ]
+        );
+        assert_eq!(
+            be32s(p(phb, "interrupt-map")),
+            [0, 0, 0, 1, XICS_PHANDLE, 0x1001, IRQ_EDGE]
+        );
+        assert_eq!(
+            be32s(p("/rtas", "ibm,read-pci-config")),
+            [rtas::IBM_READ_PCI_CONFIG]
+        );
+        let f = "/pci@800000020000000/pci@0";
+        assert_eq!(be32s(p(f, "vendor-id")), [0x1af4]);
+        assert_eq!(be32s(p(f, "device-id")), [0x1045]);
+        assert_eq!(be32s(p(f, "interrupts")), [1]);
+        assert!(
+            find_property(&blob, f, "device_type").is_none(),
+            "not a bridge"
+        );
+        assert_eq!(
+            be32s(p(f, "assigned-addresses")),
+            [0x8200_0010, 0, 0x8000_0000, 0, 0x4000]
+        );
+        assert_eq!(be32s(p(f, "reg")).len(), 10, "config space, then BAR 0");
         // No initrd, no initrd properties.
         let mut c = cfg("", &[]);
         c.initrd = None;

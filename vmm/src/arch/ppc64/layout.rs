@@ -10,8 +10,8 @@
 //! top - 1 MiB  the flattened device tree (at most FDT_MAX_SIZE bytes), then the RTAS blob
 //! ```
 //!
-//! RAM is one region from 0; there is no MMIO hole (virtio-mmio windows sit far above
-//! RAM at `VIRTIO_MMIO_START`).
+//! RAM is one region from 0; there is no MMIO hole: the PCI host bridge's memory
+//! window sits far above RAM, at `PHB_MEM_CPU`.
 
 /// Guest RAM starts here.
 pub const RAM_START: u64 = 0;
@@ -41,12 +41,22 @@ pub const CONSOLE_PORT: u16 = 0;
 /// Bytes of the console's register window.
 pub const CONSOLE_PORT_LEN: u16 = 8;
 
-/// First virtio-mmio window (above any RAM the machine offers).
-pub const VIRTIO_MMIO_START: u64 = 0x2000_0000_0000;
-/// Size of one virtio-mmio window.
-pub const VIRTIO_MMIO_SIZE: u64 = 0x1000;
-/// First interrupt number (XICS source) of the virtio-mmio devices.
-pub const VIRTIO_MMIO_FIRST_IRQ: u32 = 0x1001;
+/// The PCI host bridge's bus unit ID (how RTAS configuration calls name it; QEMU's
+/// first PHB has the same).
+pub const PHB_BUID: u64 = 0x0800_0000_2000_0000;
+/// The PHB's 32-bit memory window as the CPU sees it (above any RAM the machine
+/// offers, where QEMU's spapr puts its PHB windows).
+pub const PHB_MEM_CPU: u64 = 0x2000_8000_0000;
+/// The same window as a PCI bus address.
+pub const PHB_MEM_PCI: u32 = 0x8000_0000;
+/// Bytes of the window.
+pub const PHB_MEM_SIZE: u64 = 0x1000_0000;
+/// The XICS source of the PHB's INTA line (the only PCI interrupt: one function).
+pub const PHB_INTA_IRQ: u32 = 0x1001;
+/// The PCI device number of the virtio balloon on the PHB's bus 0.
+pub const BALLOON_PCI_DEVICE: u8 = 0;
+/// Where BAR 0 of the balloon is assigned (PCI bus address, inside the window).
+pub const BALLOON_BAR: u32 = PHB_MEM_PCI;
 /// XICS interrupt source numbers start here (QEMU's spapr uses the same base).
 pub const XICS_IRQ_BASE: u32 = 0x1000;
 /// Interrupt sources the in-kernel XICS offers.
@@ -121,6 +131,10 @@ pub mod rtas {
     pub const IBM_INT_OFF: u32 = 0x2012;
     /// `ibm,int-on` (in-kernel XICS).
     pub const IBM_INT_ON: u32 = 0x2013;
+    /// `ibm,read-pci-config`: (config address, BUID high, BUID low, size) -> value.
+    pub const IBM_READ_PCI_CONFIG: u32 = 0x2020;
+    /// `ibm,write-pci-config`: (config address, BUID high, BUID low, size, value).
+    pub const IBM_WRITE_PCI_CONFIG: u32 = 0x2021;
 }
 
 /// Where the device tree goes for `memory` bytes of RAM: `BOOT_AREA_SIZE` below the top
@@ -140,6 +154,11 @@ pub fn ram_regions(memory: u64) -> Vec<(u64, u64)> {
 }
 
 const _: () = assert!(FDT_MAX_SIZE as u64 + RTAS_SIZE <= BOOT_AREA_SIZE);
+const _: () = assert!(
+    BALLOON_BAR as u64 >= PHB_MEM_PCI as u64
+        && BALLOON_BAR as u64 + rangevm_devices::virtio::pci::VIRTIO_PCI_BAR_SIZE
+            <= PHB_MEM_PCI as u64 + PHB_MEM_SIZE
+);
 
 #[cfg(test)]
 mod tests {

@@ -14,12 +14,14 @@ mod elf;
 mod fdt;
 pub mod kvm;
 pub mod layout;
+mod phb;
 mod setup;
 mod spapr;
 mod state;
 mod vcpu;
 mod vm;
 
+pub use phb::BalloonTransport;
 pub use setup::{configure_system, create_legacy_devices, EntryPoint, LegacyDevices, SystemConfig};
 pub use state::{StateError, VcpuState, VmState, STATE_VERSION};
 pub use vcpu::KvmVcpu;
@@ -94,9 +96,9 @@ pub enum ArchError {
     /// The console could not be created.
     #[error("Cannot create the console")]
     Serial(#[from] rangevm_devices::SerialError),
-    /// A virtio-mmio device could not be created.
-    #[error("Cannot create a virtio-mmio device")]
-    Mmio(#[from] rangevm_devices::MmioError),
+    /// A virtio PCI device could not be created.
+    #[error("Cannot create a virtio PCI device")]
+    Pci(#[from] rangevm_devices::PciError),
     /// A device's lock was poisoned by a panic elsewhere.
     #[error("A device is unusable after an earlier failure")]
     DevicePoisoned,

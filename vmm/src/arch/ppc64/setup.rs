@@ -5,16 +5,20 @@ use std::io::Write;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 
-use rangevm_devices::{Balloon, BalloonConfig, Bus, GuestRequests, MmioTransport, Serial};
+use rangevm_devices::virtio::pci::VIRTIO_PCI_BAR_SIZE;
+use rangevm_devices::{
+    Balloon, BalloonConfig, Bus, GuestRequests, PciIdentity, PciTransport, Serial,
+};
 use rangevm_memory::GuestRam;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::elf::{self, Endian};
-use super::fdt::{create_fdt, FdtConfig, MmioNode};
+use super::fdt::{create_fdt, FdtConfig, PciNode};
 use super::layout::{
-    fdt_start, rtas_start, CONSOLE_PORT, CONSOLE_PORT_LEN, RTAS_SIZE, VIRTIO_MMIO_FIRST_IRQ,
-    VIRTIO_MMIO_SIZE, VIRTIO_MMIO_START,
+    fdt_start, rtas_start, BALLOON_BAR, BALLOON_PCI_DEVICE, CONSOLE_PORT, CONSOLE_PORT_LEN,
+    PHB_INTA_IRQ, PHB_MEM_CPU, PHB_MEM_SIZE, RTAS_SIZE,
 };
+use super::phb::{BalloonPci, Phb};
 use super::{ArchError, KvmVm};
 
 /// What to boot, and on how many vCPUs.
@@ -87,13 +91,16 @@ fn read_file(path: &Path, max: u64) -> Result<Vec<u8>, std::io::Error> {
     std::fs::read(path)
 }
 
-/// The virtio-mmio devices, in window order: the balloon in the first window with the
-/// first virtio interrupt. The device tree and the device setup both read it.
-fn mmio_devices() -> [MmioNode; 1] {
-    [MmioNode {
-        base: VIRTIO_MMIO_START,
-        size: VIRTIO_MMIO_SIZE,
-        irq: VIRTIO_MMIO_FIRST_IRQ,
+/// The functions on the PCI host bridge: the virtio balloon, with its BAR where the
+/// layout puts it and INTA on the PHB's interrupt. The device tree and the device setup
+/// both read it.
+fn pci_functions() -> [PciNode; 1] {
+    [PciNode {
+        device: BALLOON_PCI_DEVICE,
+        identity: PciIdentity::of_virtio(rangevm_devices::virtio::balloon::VIRTIO_ID_BALLOON),
+        bar: BALLOON_BAR,
+        bar_size: VIRTIO_PCI_BAR_SIZE,
+        irq: PHB_INTA_IRQ,
     }]
 }
 
@@ -155,7 +162,7 @@ pub fn configure_system(
         rtas_base: rtas,
         rtas_size: RTAS_SIZE,
         timebase_hz: host_timebase_hz(),
-        mmio: &mmio_devices(),
+        pci: &pci_functions(),
     })?;
     ram.write(fdt_at, &fdt)?;
     Ok(EntryPoint {
@@ -171,17 +178,19 @@ pub fn configure_system(
 pub struct LegacyDevices {
     /// The port bus: only the console's registers, reached by the console hypercalls.
     pub pio: Bus,
-    /// The MMIO bus (virtio-mmio devices).
+    /// The MMIO bus: the PCI host bridge's memory window.
     pub mmio: Bus,
     /// The console (the event loop feeds it input).
     pub serial: Arc<Mutex<Serial>>,
     /// The virtio balloon.
-    pub balloon: Arc<Mutex<MmioTransport<Balloon>>>,
+    pub balloon: BalloonPci,
 }
 
 /// Creates the console (polled by the guest's hvc driver: its interrupt eventfd is not
-/// wired) and the virtio balloon on the MMIO bus (first window, first virtio
-/// interrupt, through an irqfd on the XICS).
+/// wired), and the virtio balloon as a PCI function behind the sPAPR host bridge: its
+/// BAR assigned as firmware would, the bridge's window on the MMIO bus, its RTAS
+/// configuration calls connected, INTA through an irqfd on the XICS. (On an incoming
+/// migration the restored state then replaces the BAR and command register.)
 pub fn create_legacy_devices(
     vm: &KvmVm,
     _requests: &Arc<GuestRequests>,
@@ -196,20 +205,18 @@ pub fn create_legacy_devices(
         u64::from(CONSOLE_PORT_LEN),
     )?;
     let mut mmio = Bus::new();
-    let balloon = Arc::new(Mutex::new(MmioTransport::new(
-        Balloon::new(BalloonConfig::default()),
-        Arc::clone(vm.ram()),
-    )?));
-    let [slot] = mmio_devices();
-    vm.register_irqfd(
-        balloon
-            .lock()
-            .map_err(|_| ArchError::DevicePoisoned)?
-            .interrupt()
-            .eventfd(),
-        slot.irq,
-    )?;
-    mmio.insert(balloon.clone(), slot.base, slot.size)?;
+    let [function] = pci_functions();
+    let mut transport =
+        PciTransport::new(Balloon::new(BalloonConfig::default()), Arc::clone(vm.ram()))?;
+    transport.assign_bar(function.bar);
+    vm.register_irqfd(transport.interrupt().eventfd(), function.irq)?;
+    let balloon = Arc::new(Mutex::new(transport));
+    let phb = Arc::new(Mutex::new(Phb::new(Arc::clone(&balloon))));
+    mmio.insert(phb, PHB_MEM_CPU, PHB_MEM_SIZE)?;
+    // Two handles on the same transport: the bus's (memory accesses) and RTAS's
+    // (configuration cycles).
+    vm.spapr()
+        .attach_pci(Arc::new(Phb::new(Arc::clone(&balloon))));
     Ok(LegacyDevices {
         pio,
         mmio,

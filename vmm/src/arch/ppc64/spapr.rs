@@ -11,18 +11,21 @@
 //! - H_REGISTER_PROC_TBL: the guest's radix process table, handed to KVM with
 //!   KVM_PPC_CONFIGURE_V3_MMU;
 //! - H_RTAS: `rtas_args` in guest memory (big-endian): power-off, reboot, os-term,
-//!   display-character, time of day, CPU start/stop/query, event-scan.
+//!   display-character, time of day, CPU start/stop/query, event-scan, and PCI
+//!   configuration space (`ibm,read-pci-config` / `ibm,write-pci-config`, passed to
+//!   the host bridge, [`super::phb`]).
 //!
 //! Everything read from the guest is checked: an unknown call, a bad terminal number, an
 //! `rtas_args` outside RAM or with too many arguments gets an error code and a log line.
 
 use std::sync::atomic::{AtomicI64, AtomicU32, Ordering};
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::{Arc, Condvar, Mutex, OnceLock};
 use std::time::Duration;
 
 use rangevm_memory::GuestRam;
 
 use super::layout::{hcall::*, rtas, CONSOLE_PORT, VTY_TERMNO};
+use super::phb::{ConfigFault, PciConfigSpace};
 use crate::arch::{IoHandler, VcpuStop};
 
 /// Where the VMM applies the radix MMU configuration (the VM fd; a fake in tests).
@@ -164,6 +167,8 @@ pub(super) struct Spapr {
     /// Guest time-of-day minus host time, in seconds (`set-time-of-day`).
     time_offset: AtomicI64,
     unknown_logged: AtomicU32,
+    /// PCI configuration space for the RTAS PCI calls, once the devices exist.
+    pci: OnceLock<Arc<dyn PciConfigSpace>>,
 }
 
 impl std::fmt::Debug for Spapr {
@@ -210,6 +215,15 @@ impl Spapr {
             process_table: Mutex::new(ProcessTable::default()),
             time_offset: AtomicI64::new(0),
             unknown_logged: AtomicU32::new(0),
+            pci: OnceLock::new(),
+        }
+    }
+
+    /// Connects the PCI host bridge the RTAS PCI configuration calls reach (once; later
+    /// calls are ignored). Until then those calls fail with a hardware error.
+    pub fn attach_pci(&self, pci: Arc<dyn PciConfigSpace>) {
+        if self.pci.set(pci).is_err() {
+            log::warn!("A PCI host bridge is attached already; the second one is ignored");
         }
     }
 
@@ -571,6 +585,9 @@ impl Spapr {
                 (status(RTAS_SUCCESS), Effect::StoppedSelf)
             }
             rtas::EVENT_SCAN => (status(RTAS_NO_EVENT), Effect::None),
+            rtas::IBM_READ_PCI_CONFIG | rtas::IBM_WRITE_PCI_CONFIG => {
+                (self.pci_config(token, args), Effect::None)
+            }
             other => {
                 if self.unknown_logged.fetch_add(1, Ordering::Relaxed) < UNKNOWN_LOG_LIMIT {
                     log::warn!(
@@ -579,6 +596,37 @@ impl Spapr {
                     );
                 }
                 (status(RTAS_PARAM_ERROR), Effect::None)
+            }
+        }
+    }
+
+    /// `ibm,read-pci-config` (address, BUID high, BUID low, size -> status, value) and
+    /// `ibm,write-pci-config` (address, BUID high, BUID low, size, value -> status).
+    fn pci_config(&self, token: u32, args: &[u32]) -> Vec<u32> {
+        let word = |s: i32| u32::from_ne_bytes(s.to_ne_bytes());
+        let fault = |f: ConfigFault| match f {
+            ConfigFault::NoDevice => vec![word(RTAS_HW_ERROR)],
+            ConfigFault::BadAccess => vec![word(RTAS_PARAM_ERROR)],
+        };
+        let Some(pci) = self.pci.get() else {
+            return vec![word(RTAS_HW_ERROR)];
+        };
+        let [addr, hi, lo, size, rest @ ..] = args else {
+            return vec![word(RTAS_PARAM_ERROR)];
+        };
+        let buid = (u64::from(*hi) << 32) | u64::from(*lo);
+        if token == rtas::IBM_READ_PCI_CONFIG {
+            match pci.read(buid, *addr, *size) {
+                Ok(v) => vec![word(RTAS_SUCCESS), v],
+                Err(f) => fault(f),
+            }
+        } else {
+            let Some(value) = rest.first() else {
+                return vec![word(RTAS_PARAM_ERROR)];
+            };
+            match pci.write(buid, *addr, *size, *value) {
+                Ok(()) => vec![word(RTAS_SUCCESS)],
+                Err(f) => fault(f),
             }
         }
     }

@@ -346,3 +346,57 @@ fn civil_dates_convert_both_ways() {
         assert_eq!(unix_from_civil(&c), Some(t));
     }
 }
+
+/// A configuration space of one function at BUID 7, address 0: 0x40 bytes of pattern.
+#[derive(Default)]
+struct FakePci {
+    writes: StdMutex<Vec<(u32, u32, u32)>>,
+}
+
+impl PciConfigSpace for FakePci {
+    fn read(&self, buid: u64, addr: u32, size: u32) -> Result<u32, ConfigFault> {
+        match (buid, size) {
+            (7, 1 | 2 | 4) if addr < 0x40 => Ok(0x1000 + addr),
+            (7, _) => Err(ConfigFault::BadAccess),
+            _ => Err(ConfigFault::NoDevice),
+        }
+    }
+    fn write(&self, buid: u64, addr: u32, size: u32, value: u32) -> Result<(), ConfigFault> {
+        self.read(buid, addr, size)?;
+        self.writes.lock().unwrap().push((addr, size, value));
+        Ok(())
+    }
+}
+
+#[test]
+fn rtas_pci_config_calls_reach_the_host_bridge() {
+    let (spapr, ram, _) = platform();
+    let con = FakeConsole::default();
+    let at = 0x1000;
+    let call = |token, argv: &[u32], nret: u32| {
+        rtas_args(&ram, at, token, argv, nret);
+        assert_eq!(spapr.hcall(0, H_RTAS, &args(&[at]), &con).ret, H_SUCCESS);
+        rets(&ram, at, argv.len() as u64, u64::from(nret))
+    };
+    // Before a bridge is attached: a hardware error.
+    assert_eq!(call(rtas::IBM_READ_PCI_CONFIG, &[0, 0, 7, 4], 2)[0], -1);
+
+    let pci = Arc::new(FakePci::default());
+    spapr.attach_pci(pci.clone());
+    assert_eq!(
+        call(rtas::IBM_READ_PCI_CONFIG, &[0x10, 0, 7, 4], 2),
+        [0, 0x1010]
+    );
+    // BUID high and low words make one 64-bit BUID.
+    assert_eq!(call(rtas::IBM_READ_PCI_CONFIG, &[0x10, 1, 7, 4], 2)[0], -1);
+    assert_eq!(call(rtas::IBM_READ_PCI_CONFIG, &[0x10, 0, 7, 3], 2)[0], -3);
+    assert_eq!(
+        call(rtas::IBM_WRITE_PCI_CONFIG, &[0x4, 0, 7, 2, 0x6], 1),
+        [0]
+    );
+    assert_eq!(*pci.writes.lock().unwrap(), [(0x4, 2, 0x6)]);
+    // Too few arguments: a parameter error, nothing written.
+    assert_eq!(call(rtas::IBM_WRITE_PCI_CONFIG, &[0x4, 0, 7, 2], 1), [-3]);
+    assert_eq!(call(rtas::IBM_READ_PCI_CONFIG, &[0x4, 0, 7], 2)[0], -3);
+    assert_eq!(pci.writes.lock().unwrap().len(), 1);
+}

@@ -6,7 +6,7 @@ use std::sync::{Arc, OnceLock};
 use rangevm_memory::{DirtyLog, GuestRam, RegionInfo};
 
 use super::kvm::{self, cap, DeviceFd, Kvm, UserMemoryRegion, VmFd};
-use super::layout::{VIRTIO_MMIO_FIRST_IRQ, XICS_IRQ_BASE};
+use super::layout::{PHB_INTA_IRQ, XICS_IRQ_BASE};
 use super::spapr::{MmuControl, Spapr, MAX_CPUS};
 use super::{ArchError, KvmVcpu};
 
@@ -24,7 +24,7 @@ const XICS_RTAS: [(&str, u32); 4] = [
     ("ibm,int-on", super::layout::rtas::IBM_INT_ON),
 ];
 
-const _: () = assert!(VIRTIO_MMIO_FIRST_IRQ < XICS_IRQ_BASE + XICS_SOURCES);
+const _: () = assert!(PHB_INTA_IRQ < XICS_IRQ_BASE + XICS_SOURCES);
 
 /// A VM: the KVM file descriptors and the guest RAM they map.
 #[derive(Debug)]

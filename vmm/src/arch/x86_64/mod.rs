@@ -14,7 +14,9 @@ mod vcpu;
 mod vm;
 
 pub use boot::EntryPoint;
-pub use setup::{configure_system, create_legacy_devices, LegacyDevices, SystemConfig};
+pub use setup::{
+    configure_system, create_legacy_devices, BalloonTransport, LegacyDevices, SystemConfig,
+};
 pub use state::{StateError, VcpuState, VmState, STATE_VERSION};
 pub use vcpu::KvmVcpu;
 pub use vm::KvmVm;

@@ -82,8 +82,11 @@ pub struct LegacyDevices {
     /// COM1 (the event loop feeds it input).
     pub serial: Arc<Mutex<Serial>>,
     /// The virtio balloon.
-    pub balloon: Arc<Mutex<MmioTransport<Balloon>>>,
+    pub balloon: Arc<Mutex<BalloonTransport>>,
 }
+
+/// The balloon's transport on this architecture: virtio-mmio.
+pub type BalloonTransport = MmioTransport<Balloon>;
 
 /// Creates COM1 (interrupt through an irqfd on GSI 4), the i8042 reset line, the ACPI
 /// power-management block and pvpanic on the port bus, and the virtio balloon on the
