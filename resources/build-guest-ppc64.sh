@@ -78,7 +78,7 @@ busybox_root "$root" "$busybox"
 
 # The virtio modules /init loads (in this order), uncompressed or not.
 moddir="$work/pkg/lib/modules/$abi/kernel/drivers/virtio"
-for m in virtio_ring virtio virtio_mmio virtio_balloon; do
+for m in virtio_ring virtio virtio_mmio virtio_pci_legacy_dev virtio_pci_modern_dev virtio_pci virtio_balloon; do
     found="$(find "$moddir" -name "$m.ko*" 2>/dev/null | head -n 1)"
     if [ -n "$found" ]; then
         cp "$found" "$root/lib/modules/"

@@ -151,7 +151,7 @@ mount -t proc proc /proc
 mount -t sysfs sysfs /sys
 mount -t devtmpfs devtmpfs /dev 2>/dev/null
 echo "RANGEVM-GUEST-UP $(uname -r) cpus=$(grep -c ^processor /proc/cpuinfo) mem_kb=$(sed -n 's/^MemTotal: *\([0-9]*\).*/\1/p' /proc/meminfo)"
-for m in virtio_ring virtio virtio_mmio virtio_balloon; do
+for m in virtio_ring virtio virtio_mmio virtio_pci_legacy_dev virtio_pci_modern_dev virtio_pci virtio_balloon; do
     for f in /lib/modules/$m.ko*; do
         [ -e "$f" ] && insmod "$f" 2>/dev/null
     done

@@ -20,6 +20,7 @@ use super::layout::{
     rtas, CMDLINE_MAX_SIZE, FDT_MAX_SIZE, PHB_BUID, PHB_MEM_CPU, PHB_MEM_PCI, PHB_MEM_SIZE,
     VTY_TERMNO,
 };
+use super::tce::{DMA_WINDOW_SIZE, PHB_LIOBN};
 
 /// Errors of building the device tree.
 #[derive(Debug, thiserror::Error)]
@@ -88,7 +89,7 @@ const XICS_PHANDLE: u32 = 0x1111;
 const IRQ_EDGE: u32 = 0;
 /// The hypercall sets offered (`ibm,hypertas-functions`): only names whose calls KVM
 /// or this VMM answers.
-const HYPERTAS: [&str; 8] = [
+const HYPERTAS: [&str; 9] = [
     "hcall-pft",
     "hcall-term",
     "hcall-dabr",
@@ -97,6 +98,7 @@ const HYPERTAS: [&str; 8] = [
     "hcall-set-mode",
     "hcall-sprg0",
     "hcall-copy",
+    "hcall-tce",
 ];
 /// The RTAS calls and their tokens.
 pub const RTAS_CALLS: [(&str, u32); 16] = [
@@ -259,6 +261,13 @@ fn phb_node(fdt: &mut FdtWriter, cfg: &FdtConfig<'_>) -> Result<(), FdtError> {
     fdt.property_u32("#interrupt-cells", 1)?;
     fdt.property_null("used-by-rtas")?;
     fdt.property_array_u32("bus-range", &[0, 0])?;
+    // The DMA window Linux requires of every PCI bus: (LIOBN, bus address, size).
+    fdt.property_u32("ibm,#dma-address-cells", 2)?;
+    fdt.property_u32("ibm,#dma-size-cells", 2)?;
+    fdt.property_array_u32(
+        "ibm,dma-window",
+        &[PHB_LIOBN, 0, 0, hi(DMA_WINDOW_SIZE), lo(DMA_WINDOW_SIZE)],
+    )?;
     fdt.property_array_u64("reg", &[PHB_BUID, 0])?;
     // (phys.hi, PCI address) -> (CPU address) for size bytes.
     fdt.property_array_u32(
@@ -496,6 +505,10 @@ mod tests {
         assert_eq!(
             be32s(p("/rtas", "ibm,read-pci-config")),
             [rtas::IBM_READ_PCI_CONFIG]
+        );
+        assert_eq!(
+            be32s(p(phb, "ibm,dma-window")),
+            [PHB_LIOBN, 0, 0, 0, 8 << 20]
         );
         let f = "/pci@800000020000000/pci@0";
         assert_eq!(be32s(p(f, "vendor-id")), [0x1af4]);

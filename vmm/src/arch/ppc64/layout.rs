@@ -76,6 +76,12 @@ pub mod hcall {
     pub const H_CEDE: u64 = 0xe0;
     /// Set a processor mode: endianness of interrupts, address translation mode, ...
     pub const H_SET_MODE: u64 = 0x31c;
+    /// Read a translation-control entry of a DMA window.
+    pub const H_GET_TCE: u64 = 0x1c;
+    /// Write one.
+    pub const H_PUT_TCE: u64 = 0x20;
+    /// Write a run of them with one value.
+    pub const H_STUFF_TCE: u64 = 0x138;
     /// The guest tells the hypervisor where its (radix) process table is.
     pub const H_REGISTER_PROC_TBL: u64 = 0x37c;
     /// RTAS call: r4 = guest-physical address of the big-endian `rtas_args`. The RTAS

@@ -18,6 +18,7 @@ mod phb;
 mod setup;
 mod spapr;
 mod state;
+mod tce;
 mod vcpu;
 mod vm;
 

@@ -8,6 +8,7 @@
 //! - H_SET_MODE: interrupt endianness (LPCR bit ILE) and the alternate interrupt location
 //!   (LPCR bit AIL), for every vCPU: each applies the wanted bits before it next enters
 //!   the guest;
+//! - H_PUT_TCE / H_STUFF_TCE / H_GET_TCE on the PHB's DMA window ([`super::tce`]);
 //! - H_REGISTER_PROC_TBL: the guest's radix process table, handed to KVM with
 //!   KVM_PPC_CONFIGURE_V3_MMU;
 //! - H_RTAS: `rtas_args` in guest memory (big-endian): power-off, reboot, os-term,
@@ -26,6 +27,7 @@ use rangevm_memory::GuestRam;
 
 use super::layout::{hcall::*, rtas, CONSOLE_PORT, VTY_TERMNO};
 use super::phb::{ConfigFault, PciConfigSpace};
+use super::tce::TceTable;
 use crate::arch::{IoHandler, VcpuStop};
 
 /// Where the VMM applies the radix MMU configuration (the VM fd; a fake in tests).
@@ -169,6 +171,8 @@ pub(super) struct Spapr {
     unknown_logged: AtomicU32,
     /// PCI configuration space for the RTAS PCI calls, once the devices exist.
     pci: OnceLock<Arc<dyn PciConfigSpace>>,
+    /// The PHB's DMA window.
+    tce: TceTable,
 }
 
 impl std::fmt::Debug for Spapr {
@@ -216,6 +220,7 @@ impl Spapr {
             time_offset: AtomicI64::new(0),
             unknown_logged: AtomicU32::new(0),
             pci: OnceLock::new(),
+            tce: TceTable::default(),
         }
     }
 
@@ -321,6 +326,16 @@ impl Spapr {
             H_SET_MODE => self.set_mode(args),
             H_REGISTER_PROC_TBL => self.register_process_table(args),
             H_RTAS => self.rtas(cpu, args[0], io),
+            H_PUT_TCE => Answer::ret(self.tce.put(args[0], args[1], args[2])),
+            H_STUFF_TCE => Answer::ret(self.tce.stuff(args[0], args[1], args[2], args[3])),
+            H_GET_TCE => {
+                let (ret, tce) = self.tce.get(args[0], args[1]);
+                Answer {
+                    ret,
+                    outputs: Some(vec![tce]),
+                    effect: Effect::None,
+                }
+            }
             _ => {
                 if self.unknown_logged.fetch_add(1, Ordering::Relaxed) < UNKNOWN_LOG_LIMIT {
                     log::warn!(
