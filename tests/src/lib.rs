@@ -109,6 +109,14 @@ impl DefaultGuest {
             base64(command.as_bytes())
         )
     }
+
+    /// The kernel's file name, as it is called in an emulated host's `/payload`.
+    pub fn kernel_name(&self) -> String {
+        self.kernel
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default()
+    }
 }
 
 /// What a QEMU run printed on its serial console, and how long it took.

@@ -1,16 +1,23 @@
-//! Virtio devices on the virtio-mmio transport (virtio 1.2, "modern" devices only).
+//! Virtio devices (virtio 1.2, "modern" devices only) and their transports.
 //!
-//! - [`mmio`] has the transport, [`MmioTransport`], a [`BusDevice`](crate::BusDevice)
-//!   the VMM puts on its MMIO bus, with an interrupt line the VMM registers as an irqfd.
+//! - [`mmio`] has the virtio-mmio transport, [`MmioTransport`], a
+//!   [`BusDevice`](crate::BusDevice) the VMM puts on its MMIO bus (x86_64);
+//! - [`pci`] has the virtio PCI transport, [`PciTransport`], a PCI function whose
+//!   configuration space and BAR the VMM's host bridge reaches (the sPAPR machine);
+//! - both decode their registers into one state machine, `transport` (status, feature
+//!   negotiation, queue configuration, activation, the saved form), so the checks the
+//!   specification asks of a device are made once;
 //! - [`queue`] has split virtqueues read and written through `GuestRam` (each access a
 //!   copy under the read lock of the bytes it touches; see that module for why not
-//!   virtio-queue).
+//!   virtio-queue);
 //! - [`balloon`] has virtio-balloon.
 //!
 //! A device implements [`VirtioDevice`]; the transport owns it, negotiates features,
 //! collects the queue configuration and hands the device its [`Queue`]s at `DRIVER_OK`.
+//! Its interrupt line, [`VirtioInterrupt`], is an eventfd the VMM registers as an irqfd.
 //! For snapshot and migration the transport saves and restores its registers with the
-//! device's own state ([`MmioTransport::save_state`], [`VirtioDevice::save_device`]).
+//! device's own state ([`MmioTransport::save_state`], [`PciTransport::save_state`],
+//! [`VirtioDevice::save_device`]).
 
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::Arc;
@@ -49,7 +56,7 @@ pub enum VirtioError {
     Activate(#[source] Box<dyn std::error::Error + Send + Sync>),
 }
 
-/// A device behind the virtio-mmio transport. Every method may be reached from guest
+/// A device behind a virtio transport. Every method may be reached from guest
 /// input and must not panic.
 pub trait VirtioDevice: Send {
     /// The virtio device ID (5 for a balloon).
@@ -113,9 +120,10 @@ pub struct RestoreContext<'a> {
     pub ram: &'a GuestRam,
 }
 
-/// The interrupt line of one virtio-mmio device, shared by the transport and its
-/// device: the `InterruptStatus` bits, the configuration generation, and the eventfd the
-/// VMM registers as an irqfd for the device's GSI.
+/// The interrupt line of one virtio device, shared by the transport and its device:
+/// the interrupt status bits (virtio-mmio's `InterruptStatus`, virtio-pci's ISR), the
+/// configuration generation, and the eventfd the VMM registers as an irqfd for the
+/// device's interrupt.
 #[derive(Debug)]
 pub struct VirtioInterrupt {
     status: AtomicU32,

@@ -15,12 +15,7 @@ pub fn balloon_inflate_and_deflate(
     memory: &str,
     extra_cmdline: &str,
 ) {
-    let kernel = guest
-        .kernel
-        .file_name()
-        .and_then(|n| n.to_str())
-        .expect("a kernel file name")
-        .to_string();
+    let kernel = guest.kernel_name();
     // A shell on the guest console reads commands from a FIFO; `say` sends one and
     // waits for the line it prints last. rss reads rangevm's resident set in KiB;
     // until_actual polls the balloon until the driver reached the target.

@@ -85,12 +85,7 @@ pub fn postcopy_with_balloon(setup: Setup) {
         memory: guest_memory,
         extra_cmdline,
     } = setup;
-    let kernel = guest
-        .kernel
-        .file_name()
-        .and_then(|n| n.to_str())
-        .expect("a kernel file name")
-        .to_string();
+    let kernel = guest.kernel_name();
     let fill = if FILL_MIB != 0 {
         format!(
             "mkdir -p /tmp; mount -t tmpfs tmpfs /tmp; \
