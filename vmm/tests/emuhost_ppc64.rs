@@ -4,6 +4,10 @@
 
 #[path = "common/balloon_linux.rs"]
 mod balloon_linux;
+#[path = "common/linux_guest.rs"]
+mod linux_guest;
+#[path = "common/migrate_linux.rs"]
+mod migrate_linux;
 #[path = "common/postcopy_balloon.rs"]
 mod postcopy_balloon;
 
@@ -11,36 +15,32 @@ use std::time::Duration;
 
 use rangevm_tests::{static_rangevm_ppc64le, DefaultGuest, EmuHost, QemuArch};
 
-/// The ppc64le guest's memory in the balloon scenarios (its kernel is larger than the
-/// x86_64 guest's, and its pages are 64 KiB).
-const BALLOON_GUEST_MEMORY: &str = "384M";
-
-/// The x86_64 balloon scenario (`common/balloon_linux.rs`) with the Debian ppc64el
-/// guest, whose balloon is a virtio PCI function behind the sPAPR host bridge: inflating
-/// by 128 MiB lowers the guest's MemAvailable and rangevm's resident memory (64 KiB host
-/// pages, each discarded once its sixteen 4 KiB balloon pages are in), deflating gives
-/// the memory back, and the statistics arrive.
+/// The balloon scenario (`common/balloon_linux.rs`) with the Debian ppc64el guest, whose
+/// balloon is a virtio PCI function behind the sPAPR host bridge: inflating by 128 MiB
+/// lowers the guest's MemAvailable and rangevm's resident memory (64 KiB host pages,
+/// each discarded once its sixteen 4 KiB balloon pages are in), deflating gives the
+/// memory back, and the statistics arrive.
 #[test]
 fn balloon_inflate_and_deflate_with_a_linux_guest_inside_the_emulated_powerpc64_host() {
-    let guest = DefaultGuest::build_ppc64().expect("build the default ppc64le guest");
-    let rangevm = static_rangevm_ppc64le().expect("build a static rangevm for ppc64le");
-    let host = EmuHost::ppc64().with_file(&rangevm);
-    balloon_linux::balloon_inflate_and_deflate(host, &guest, BALLOON_GUEST_MEMORY, "");
+    balloon_linux::balloon_inflate_and_deflate(linux_guest::Setup::ppc64());
 }
 
-/// The x86_64 postcopy scenario (`common/postcopy_balloon.rs`) with the Debian ppc64el
-/// guest: postcopy with `--verify`, the destination's balloon inflated while pages are
-/// still arriving, `balloon check`, deflate, one tick sequence, both VMMs exit 0.
+/// The postcopy scenario (`common/postcopy_balloon.rs`) with the Debian ppc64el guest:
+/// postcopy with `--verify`, the destination's balloon inflated while pages are still
+/// arriving, `balloon check`, deflate, one tick sequence, both VMMs exit 0.
 #[test]
 fn a_linux_guest_migrates_in_postcopy_and_its_balloon_works_meanwhile_inside_the_emulated_powerpc64_host(
 ) {
-    let rangevm = static_rangevm_ppc64le().expect("build a static rangevm for ppc64le");
-    postcopy_balloon::postcopy_with_balloon(postcopy_balloon::Setup {
-        host: EmuHost::ppc64().with_file(&rangevm),
-        guest: DefaultGuest::build_ppc64().expect("build the default ppc64le guest"),
-        memory: BALLOON_GUEST_MEMORY,
-        extra_cmdline: "",
-    });
+    postcopy_balloon::postcopy_with_balloon(linux_guest::Setup::ppc64());
+}
+
+/// The precopy scenarios (`common/migrate_linux.rs`) with the Debian ppc64el guest: with
+/// 1 and 2 vCPUs the console goes on across the migration; then an inflated balloon
+/// migrates (its 64 KiB pages as zero runs) and deflates on the destination.
+#[test]
+fn a_linux_guest_and_its_balloon_migrate_in_precopy_inside_the_emulated_powerpc64_host() {
+    migrate_linux::console_goes_on(linux_guest::Setup::ppc64());
+    migrate_linux::balloon_survives_a_migration(linux_guest::Setup::ppc64());
 }
 
 /// A statically linked ppc64le `rangevm host-check` inside the emulated PowerPC64 host

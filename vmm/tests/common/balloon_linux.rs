@@ -3,26 +3,23 @@
 
 use std::time::Duration;
 
-use rangevm_tests::{DefaultGuest, EmuHost};
+use crate::linux_guest::Setup;
 
 /// The virtio balloon with a real Linux guest: after the guest has touched most of its
 /// memory and freed it, inflating the balloon by half lowers the guest's available
 /// memory and rangevm's resident memory; deflating gives the guest its memory back;
 /// the guest's statistics arrive through `balloon stats`.
-pub fn balloon_inflate_and_deflate(
-    host: EmuHost,
-    guest: &DefaultGuest,
-    memory: &str,
-    extra_cmdline: &str,
-) {
-    let kernel = guest.kernel_name();
+pub fn balloon_inflate_and_deflate(setup: Setup) {
+    let kernel = setup.guest.kernel_name();
+    let memory = setup.memory;
+    let cmdline = setup.cmdline_running_shell();
     // A shell on the guest console reads commands from a FIFO; `say` sends one and
     // waits for the line it prints last. rss reads rangevm's resident set in KiB;
     // until_actual polls the balloon until the driver reached the target.
     let script = format!(
         r#"mkfifo /tmp/in; exec 3<>/tmp/in
 rangevm run --kernel {kernel} --initrd initramfs.cpio.gz --memory {memory} --api-socket /tmp/api.sock \
-  --cmdline '{cmdline} {extra_cmdline} rangevm.shell=1' <&3 >/tmp/out 2>&1 & pid=$!
+  --cmdline '{cmdline}' <&3 >/tmp/out 2>&1 & pid=$!
 waitfor() {{ i=0; until grep -q "$1" /tmp/out || [ $i -gt 900 ]; do sleep 0.2; i=$((i+1)); done; }}
 say() {{ echo "$1" >&3; waitfor "$2"; }}
 rss() {{ sed -n 's/^VmRSS:[[:space:]]*\([0-9]*\).*/\1/p' /proc/$pid/status; }}
@@ -45,14 +42,8 @@ echo 'poweroff -f' >&3
 wait $pid; echo "BALLOON-VM-END status=$?"
 cat /tmp/out | grep -E 'AVAIL-|FILLED'
 "#,
-        cmdline = guest.cmdline
     );
-    let console = host
-        .with_file(&guest.kernel)
-        .with_file(&guest.initrd)
-        .run(&script, Duration::from_secs(300))
-        .expect("boot the emulated host");
-    eprintln!("emulated host ran {:.1} s", console.elapsed.as_secs_f64());
+    let console = setup.run(&script, Duration::from_secs(300));
     let out = &console.output;
     let value = |key: &str| -> u64 {
         out.lines()

@@ -5,72 +5,15 @@
 
 use std::time::Duration;
 
-use rangevm_tests::{Console, DefaultGuest, EmuHost, MARKER};
+use rangevm_tests::MARKER;
+
+use crate::linux_guest::{avail_ticks, Report, Setup};
 
 /// MiB of random data the guest writes to a tmpfs file before the migration (0: none),
 /// so that the background push has real pages to send.
 const FILL_MIB: u64 = 0;
 /// The balloon's size on the destination.
 const INFLATE_BYTES: u64 = 128 << 20;
-
-/// The emulated host and how the guest boots in it.
-pub struct Setup {
-    /// The emulated host, with `rangevm` among its files (the guest's are added).
-    pub host: EmuHost,
-    /// The default guest of the host's architecture.
-    pub guest: DefaultGuest,
-    /// The guest's memory (`--memory`).
-    pub memory: &'static str,
-    /// Added to the guest's command line (`pci=off` where the balloon is not on PCI).
-    pub extra_cmdline: &'static str,
-}
-
-/// Boots the emulated host with the default guest in `/payload` and runs `script`
-/// there, at most `limit` per boot.
-fn run_with_default_guest_within(
-    host: EmuHost,
-    guest: &DefaultGuest,
-    script: &str,
-    limit: Duration,
-) -> Console {
-    let console = host
-        .with_file(&guest.kernel)
-        .with_file(&guest.initrd)
-        .run(script, limit)
-        .expect("boot the emulated host");
-    eprintln!("emulated host ran {:.1} s", console.elapsed.as_secs_f64());
-    console
-}
-
-/// The text between the line `begin` and the line `end` (exclusive, without the line
-/// breaks around it).
-fn section<'a>(out: &'a str, begin: &str, end: &str) -> &'a str {
-    let start = out
-        .find(&format!("{begin}\n"))
-        .map(|i| i + begin.len() + 1)
-        .unwrap_or_else(|| panic!("no {begin}:\n{out}"));
-    let stop = out[start..]
-        .find(&format!("\n{end}"))
-        .map(|i| start + i)
-        .unwrap_or_else(|| panic!("no {end} after {begin}:\n{out}"));
-    &out[start..stop]
-}
-
-/// The `(tick, MemAvailable KiB)` pairs of the `tick-N avail=K end` lines of `text` that
-/// end with a line break (a partial last line does not count).
-fn avail_ticks(text: &str) -> Vec<(u64, u64)> {
-    let whole = text.rsplit_once('\n').map_or("", |(lines, _)| lines);
-    whole
-        .lines()
-        .filter_map(|l| {
-            let rest = l.trim().strip_prefix("tick-")?;
-            let mut words = rest.split_whitespace();
-            let tick = words.next()?.parse().ok()?;
-            let avail = words.next()?.strip_prefix("avail=")?.parse().ok()?;
-            (words.next() == Some("end")).then_some((tick, avail))
-        })
-        .collect()
-}
 
 /// A Linux guest that prints a tick and its MemAvailable every half second migrates in
 /// postcopy (`--postcopy --verify --detach`); while the destination still fetches its
@@ -79,13 +22,8 @@ fn avail_ticks(text: &str) -> Vec<(u64, u64)> {
 /// back with old contents (`balloon check`), the balloon deflates, the ticks go on as
 /// one sequence, and both VMMs end with status 0.
 pub fn postcopy_with_balloon(setup: Setup) {
-    let Setup {
-        host,
-        guest,
-        memory: guest_memory,
-        extra_cmdline,
-    } = setup;
-    let kernel = guest.kernel_name();
+    let kernel = setup.guest.kernel_name();
+    let guest_memory = setup.memory;
     let fill = if FILL_MIB != 0 {
         format!(
             "mkdir -p /tmp; mount -t tmpfs tmpfs /tmp; \
@@ -94,14 +32,11 @@ pub fn postcopy_with_balloon(setup: Setup) {
     } else {
         String::new()
     };
-    let cmdline = format!(
-        "{} {extra_cmdline}",
-        guest.cmdline_running(&format!(
+    let cmdline = setup.cmdline_running(&format!(
             "{fill}i=0; while true; do \
              echo tick-$i avail=$(sed -n 's/^MemAvailable: *\\([0-9]*\\).*/\\1/p' /proc/meminfo) end; \
              i=$((i+1)); sleep 0.5; done"
-        ))
-    );
+    ));
     // waitfor FILE PATTERN [COUNT]: at most 180 s until FILE has COUNT lines matching.
     // stop PID: at most 60 s for PID to exit, then SIGKILL; prints nothing, sets $st.
     // lastavail FILE: the MemAvailable of FILE's last whole tick line.
@@ -180,47 +115,30 @@ showall
 echo CASE-END
 "#
     );
-    let console = run_with_default_guest_within(host, &guest, &script, Duration::from_secs(640));
-    let out = console.output.replace('\r', "");
-    let part = |name: &str| section(&out, &format!("{name}-BEGIN"), &format!("{name}-END"));
-    let logs = [
-        "MIG-OUT",
-        "MIG-ERR",
-        "SET1",
-        "SET2",
-        "DST-ST-SET",
-        "DST-FINAL",
-        "SRC-ST",
-        "CHECK",
-        "DST-STATS",
-        "SRC-ERR",
-        "DST-ERR",
-        "SRC-OUT",
-        "DST-OUT",
-    ]
-    .iter()
-    .map(|name| format!("--- {name}:\n{}\n--- end of {name}\n", part(name)))
-    .collect::<String>();
-    // The script's own lines come before the first file it shows.
-    let script_out = out.split_once("MIG-OUT-BEGIN").map_or(&*out, |(s, _)| s);
-    let logs = format!("--- script output:\n{script_out}\n--- end of script output\n{logs}");
-    let status = |key: &str| -> &str {
-        out.lines()
-            .find_map(|l| l.strip_prefix(key))
-            .map(str::trim)
-            .unwrap_or_else(|| panic!("no {key}\n{logs}"))
-    };
-    let number = |key: &str| -> u64 {
-        let value = status(key);
-        value
-            .split_whitespace()
-            .next()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or_else(|| panic!("{key}{value:?} is not a number\n{logs}"))
-    };
-    let json = |name: &str| -> serde_json::Value {
-        serde_json::from_str(part(name)).unwrap_or_else(|e| panic!("{name}'s JSON: {e}\n{logs}"))
-    };
+    let console = setup.run(&script, Duration::from_secs(640));
+    let r = Report::new(
+        &console,
+        &[
+            "MIG-OUT",
+            "MIG-ERR",
+            "SET1",
+            "SET2",
+            "DST-ST-SET",
+            "DST-FINAL",
+            "SRC-ST",
+            "CHECK",
+            "DST-STATS",
+            "SRC-ERR",
+            "DST-ERR",
+            "SRC-OUT",
+            "DST-OUT",
+        ],
+    );
+    let logs = &r.logs;
+    let part = |name: &str| r.part(name);
+    let status = |key: &str| r.status(key);
+    let number = |key: &str| r.number(key);
+    let json = |name: &str| r.json(name);
     let (src_err, dst_err) = (part("SRC-ERR"), part("DST-ERR"));
     let (src_out, dst_out) = (part("SRC-OUT"), part("DST-OUT"));
 
