@@ -144,6 +144,21 @@ struct MmuV3Cfg {
     process_table: u64,
 }
 
+/// `struct kvm_ppc_cpu_char`: the processor's speculation-related characteristics and
+/// the behaviour it wants of software, as H_GET_CPU_CHARACTERISTICS reports them.
+#[repr(C)]
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct CpuChar {
+    /// H_CPU_CHAR_* bits.
+    pub character: u64,
+    /// H_CPU_BEHAV_* bits.
+    pub behaviour: u64,
+    /// Which `character` bits KVM knows.
+    pub character_mask: u64,
+    /// Which `behaviour` bits KVM knows.
+    pub behaviour_mask: u64,
+}
+
 /// `struct kvm_rtas_token_args`.
 #[repr(C)]
 #[derive(Debug)]
@@ -191,6 +206,7 @@ const _: () = assert!(std::mem::size_of::<DeviceAttr>() == 24);
 const _: () = assert!(std::mem::size_of::<IrqFd>() == 32);
 const _: () = assert!(std::mem::size_of::<IrqLevel>() == 8);
 const _: () = assert!(std::mem::size_of::<MmuV3Cfg>() == 16);
+const _: () = assert!(std::mem::size_of::<CpuChar>() == 32);
 const _: () = assert!(std::mem::size_of::<RtasTokenArgs>() == 128);
 const _: () = assert!(std::mem::size_of::<Regs>() == 392);
 
@@ -208,6 +224,7 @@ const KVM_IRQFD: libc::c_ulong = iow::<IrqFd>(0x76);
 const KVM_ENABLE_CAP: libc::c_ulong = iow::<EnableCap>(0xa3);
 const KVM_PPC_RTAS_DEFINE_TOKEN: libc::c_ulong = iow::<RtasTokenArgs>(0xac);
 const KVM_PPC_CONFIGURE_V3_MMU: libc::c_ulong = iow::<MmuV3Cfg>(0xaf);
+const KVM_PPC_GET_CPU_CHAR: libc::c_ulong = ior::<CpuChar>(0xb1);
 const KVM_CLEAR_DIRTY_LOG: libc::c_ulong = iowr::<ClearDirtyLogArg>(0xc0);
 const KVM_CREATE_DEVICE: libc::c_ulong = iowr::<CreateDevice>(0xe0);
 const KVM_SET_DEVICE_ATTR: libc::c_ulong = iow::<DeviceAttr>(0xe1);
@@ -232,6 +249,7 @@ const _: () = assert!(KVM_IRQFD == 0x8020_ae76);
 const _: () = assert!(KVM_ENABLE_CAP == 0x8068_aea3);
 const _: () = assert!(KVM_PPC_RTAS_DEFINE_TOKEN == 0x8080_aeac);
 const _: () = assert!(KVM_PPC_CONFIGURE_V3_MMU == 0x8010_aeaf);
+const _: () = assert!(KVM_PPC_GET_CPU_CHAR == 0x4020_aeb1);
 const _: () = assert!(KVM_CLEAR_DIRTY_LOG == 0xc018_aec0);
 const _: () = assert!(KVM_CREATE_DEVICE == 0xc00c_aee0);
 const _: () = assert!(KVM_SET_DEVICE_ATTR == 0x8018_aee1);
@@ -259,6 +277,8 @@ pub mod cap {
     pub const ONE_REG: u32 = 70;
     /// RTAS tokens handled in the kernel.
     pub const PPC_RTAS: u32 = 91;
+    /// KVM_PPC_GET_CPU_CHAR.
+    pub const PPC_GET_CPU_CHAR: u32 = 151;
     /// The in-kernel XICS interrupt controller.
     pub const IRQ_XICS: u32 = 92;
     /// Hypercalls the kernel handles, chosen by userspace.
@@ -575,6 +595,16 @@ impl VmFd {
         };
         // SAFETY: the number takes a kvm_ppc_mmuv3_cfg, which holds no pointers.
         unsafe { ioctl_ptr(&self.fd, KVM_PPC_CONFIGURE_V3_MMU, &mut arg) }.map(|_| ())
+    }
+
+    /// KVM_PPC_GET_CPU_CHAR: what the host processor says of speculation (what a guest
+    /// asks with H_GET_CPU_CHARACTERISTICS).
+    pub fn cpu_char(&self) -> io::Result<CpuChar> {
+        let mut arg = CpuChar::default();
+        // SAFETY: the number fills a kvm_ppc_cpu_char (four u64s, no pointers), which
+        // `arg` is, and reads nothing from it.
+        unsafe { ioctl_ptr(&self.fd, KVM_PPC_GET_CPU_CHAR, &mut arg) }?;
+        Ok(arg)
     }
 
     /// KVM_PPC_RTAS_DEFINE_TOKEN: the kernel answers RTAS call `name` when the guest

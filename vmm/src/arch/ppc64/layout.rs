@@ -76,6 +76,8 @@ pub mod hcall {
     pub const H_CEDE: u64 = 0xe0;
     /// Set a processor mode: endianness of interrupts, address translation mode, ...
     pub const H_SET_MODE: u64 = 0x31c;
+    /// The processor's speculation characteristics.
+    pub const H_GET_CPU_CHARACTERISTICS: u64 = 0x1c8;
     /// Read a translation-control entry of a DMA window.
     pub const H_GET_TCE: u64 = 0x1c;
     /// Write one.

@@ -8,6 +8,8 @@
 //! - H_SET_MODE: interrupt endianness (LPCR bit ILE) and the alternate interrupt location
 //!   (LPCR bit AIL), for every vCPU: each applies the wanted bits before it next enters
 //!   the guest;
+//! - H_GET_CPU_CHARACTERISTICS: the host's answer (KVM_PPC_GET_CPU_CHAR), so the guest
+//!   picks the speculation mitigations the processor needs;
 //! - H_PUT_TCE / H_STUFF_TCE / H_GET_TCE on the PHB's DMA window ([`super::tce`]);
 //! - H_REGISTER_PROC_TBL: the guest's radix process table, handed to KVM with
 //!   KVM_PPC_CONFIGURE_V3_MMU;
@@ -173,6 +175,9 @@ pub(super) struct Spapr {
     pci: OnceLock<Arc<dyn PciConfigSpace>>,
     /// The PHB's DMA window.
     tce: TceTable,
+    /// H_GET_CPU_CHARACTERISTICS' answer (characteristics, behaviour), if the host
+    /// gave one.
+    cpu_char: OnceLock<(u64, u64)>,
 }
 
 impl std::fmt::Debug for Spapr {
@@ -221,7 +226,14 @@ impl Spapr {
             unknown_logged: AtomicU32::new(0),
             pci: OnceLock::new(),
             tce: TceTable::default(),
+            cpu_char: OnceLock::new(),
         }
+    }
+
+    /// What H_GET_CPU_CHARACTERISTICS answers (set once, from KVM_PPC_GET_CPU_CHAR);
+    /// without it the call gets H_FUNCTION and the guest assumes the worst.
+    pub fn set_cpu_characteristics(&self, character: u64, behaviour: u64) {
+        let _ = self.cpu_char.set((character, behaviour));
     }
 
     /// Connects the PCI host bridge the RTAS PCI configuration calls reach (once; later
@@ -328,6 +340,14 @@ impl Spapr {
             H_RTAS => self.rtas(cpu, args[0], io),
             H_PUT_TCE => Answer::ret(self.tce.put(args[0], args[1], args[2])),
             H_STUFF_TCE => Answer::ret(self.tce.stuff(args[0], args[1], args[2], args[3])),
+            H_GET_CPU_CHARACTERISTICS => match self.cpu_char.get() {
+                Some(&(character, behaviour)) => Answer {
+                    ret: H_SUCCESS,
+                    outputs: Some(vec![character, behaviour]),
+                    effect: Effect::None,
+                },
+                None => Answer::ret(H_FUNCTION),
+            },
             H_GET_TCE => {
                 let (ret, tce) = self.tce.get(args[0], args[1]);
                 Answer {

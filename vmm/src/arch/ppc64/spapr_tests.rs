@@ -400,3 +400,36 @@ fn rtas_pci_config_calls_reach_the_host_bridge() {
     assert_eq!(call(rtas::IBM_READ_PCI_CONFIG, &[0x4, 0, 7], 2)[0], -3);
     assert_eq!(pci.writes.lock().unwrap().len(), 1);
 }
+
+#[test]
+fn cpu_characteristics_are_the_hosts_or_h_function() {
+    let (spapr, _, _) = platform();
+    let con = FakeConsole::default();
+    let a = args(&[]);
+    let none = spapr.hcall(0, H_GET_CPU_CHARACTERISTICS, &a, &con);
+    assert_eq!(none.ret, H_FUNCTION);
+    spapr.set_cpu_characteristics(0xa000_0000_0000_0000, 0x8000_0000_0000_0000);
+    let got = spapr.hcall(0, H_GET_CPU_CHARACTERISTICS, &a, &con);
+    assert_eq!(got.ret, H_SUCCESS);
+    assert_eq!(
+        got.outputs,
+        Some(vec![0xa000_0000_0000_0000, 0x8000_0000_0000_0000])
+    );
+}
+
+#[test]
+fn tce_hypercalls_reach_the_dma_window() {
+    let (spapr, _, _) = platform();
+    let con = FakeConsole::default();
+    let liobn = u64::from(super::super::tce::PHB_LIOBN);
+    let put = spapr.hcall(0, H_PUT_TCE, &args(&[liobn, 0x5000, 0x7000_0003]), &con);
+    assert_eq!(put.ret, H_SUCCESS);
+    let get = spapr.hcall(0, H_GET_TCE, &args(&[liobn, 0x5000]), &con);
+    assert_eq!((get.ret, get.outputs), (H_SUCCESS, Some(vec![0x7000_0003])));
+    let stuff = spapr.hcall(0, H_STUFF_TCE, &args(&[liobn, 0x4000, 0, 2]), &con);
+    assert_eq!(stuff.ret, H_SUCCESS);
+    let get = spapr.hcall(0, H_GET_TCE, &args(&[liobn, 0x5000]), &con);
+    assert_eq!(get.outputs, Some(vec![0]));
+    let bad = spapr.hcall(0, H_PUT_TCE, &args(&[liobn + 1, 0, 0]), &con);
+    assert_eq!(bad.ret, H_PARAMETER);
+}

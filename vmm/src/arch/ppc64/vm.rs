@@ -64,6 +64,17 @@ impl KvmVm {
         let vm = Arc::new(vm);
         let mmu: Arc<dyn MmuControl> = vm.clone();
         let spapr = Arc::new(Spapr::new(Arc::clone(&ram), mmu));
+        // What H_GET_CPU_CHARACTERISTICS answers: the host's own view, so the guest
+        // picks the speculation mitigations this processor needs.
+        if vm.check_extension(cap::PPC_GET_CPU_CHAR) > 0 {
+            match vm.cpu_char() {
+                Ok(c) => spapr.set_cpu_characteristics(
+                    c.character & c.character_mask,
+                    c.behaviour & c.behaviour_mask,
+                ),
+                Err(e) => log::warn!("KVM_PPC_GET_CPU_CHAR failed: {e}"),
+            }
+        }
         let this = KvmVm {
             xics: OnceLock::new(),
             vm,
