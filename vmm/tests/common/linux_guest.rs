@@ -6,7 +6,7 @@
 
 use std::time::Duration;
 
-use rangevm_tests::{static_rangevm_ppc64le, Console, DefaultGuest, EmuHost};
+use rangevm_tests::{static_rangevm_ppc64le, Console, DefaultGuest, EmuHost, MARKER};
 
 /// The emulated host, the default guest of its architecture, and how that guest boots.
 pub struct Setup {
@@ -176,4 +176,47 @@ impl Report {
         serde_json::from_str(self.part(name))
             .unwrap_or_else(|e| panic!("{name}'s JSON: {e}\n{}", self.logs))
     }
+}
+
+/// The source exited with `source_status` 0 after handing the guest over, and the
+/// destination's log says the guest runs there.
+pub fn assert_handed_over(source_status: &str, src_err: &str, dst_err: &str, logs: &str) {
+    assert_eq!(source_status, "0", "the source's exit status\n{logs}");
+    assert!(
+        src_err.contains("the guest was migrated and runs on the destination"),
+        "{logs}"
+    );
+    assert!(dst_err.contains("the guest runs here"), "{logs}");
+}
+
+/// The guest booted once, on the source: the destination's console shows no boot.
+pub fn assert_booted_once(src_out: &str, dst_out: &str, logs: &str) {
+    assert_eq!(src_out.matches(MARKER).count(), 1, "{logs}");
+    assert!(
+        !dst_out.contains(MARKER) && !dst_out.contains("Linux version"),
+        "the destination rebooted\n{logs}"
+    );
+}
+
+/// The `tick-N avail=K end` lines of the source's and the destination's consoles are
+/// one sequence from 0, at least 4 on the source and 6 more on the destination; the
+/// tick numbers and how many the source printed.
+pub fn assert_avail_ticks_go_on(src_out: &str, dst_out: &str, logs: &str) -> (Vec<u64>, usize) {
+    let all = avail_ticks(&format!("{src_out}{dst_out}"));
+    let seq: Vec<u64> = all.iter().map(|&(tick, _)| tick).collect();
+    let expected: Vec<u64> = (0..seq.len() as u64).collect();
+    assert_eq!(seq, expected, "the ticks are not one sequence\n{logs}");
+    let on_src = avail_ticks(src_out).len();
+    assert!(on_src >= 4, "too few ticks on the source\n{logs}");
+    assert!(
+        all.len() >= on_src + 6,
+        "too few ticks on the destination\n{logs}"
+    );
+    (seq, on_src)
+}
+
+/// `vm shutdown` on the destination answered 0 and the destination exited with 0.
+pub fn assert_shut_down(shutdown: &str, status: &str, logs: &str) {
+    assert_eq!(shutdown, "0", "vm shutdown\n{logs}");
+    assert_eq!(status, "0", "the destination's exit status\n{logs}");
 }

@@ -3,9 +3,10 @@
 
 use std::time::Duration;
 
-use rangevm_tests::MARKER;
-
-use crate::linux_guest::{avail_ticks, section, ticks, Report, Setup};
+use crate::linux_guest::{
+    assert_avail_ticks_go_on, assert_booted_once, assert_handed_over, assert_shut_down, section,
+    ticks, Report, Setup,
+};
 
 /// A real Linux guest that prints `tick-N` every half second migrates from one rangevm
 /// to another, both inside the same emulated host, with 1 and then 2 vCPUs: the
@@ -91,32 +92,9 @@ echo CASE-END cpus={cpus}
             json["zero_pages"],
             json["converged"]
         );
-        assert_eq!(
-            status("SRC-STATUS="),
-            "0",
-            "the source's exit status\n{logs}"
-        );
-        assert!(
-            src_err.contains("the guest was migrated and runs on the destination"),
-            "{logs}"
-        );
-        assert!(dst_err.contains("the guest runs here"), "{logs}");
-        assert_eq!(status("DST-SHUTDOWN="), "0", "vm shutdown\n{logs}");
-        assert_eq!(
-            status("DST-STATUS="),
-            "0",
-            "the destination's exit status\n{logs}"
-        );
-        // The guest booted once, on the source.
-        assert_eq!(src_out.matches(MARKER).count(), 1, "{logs}");
-        assert!(
-            !dst_out.contains(MARKER),
-            "the destination rebooted\n{logs}"
-        );
-        assert!(
-            !dst_out.contains("Linux version"),
-            "the destination rebooted\n{logs}"
-        );
+        assert_handed_over(status("SRC-STATUS="), src_err, dst_err, &logs);
+        assert_shut_down(status("DST-SHUTDOWN="), status("DST-STATUS="), &logs);
+        assert_booted_once(src_out, dst_out, &logs);
         // The source's console may end in the middle of a line that the destination
         // completes: the two together are one unbroken sequence from tick-0. (A line
         // cut by the shutdown at the destination's end does not count.)
@@ -239,29 +217,25 @@ echo CASE-END
         ],
     );
     let logs = &r.logs;
-    let part = |name: &str| r.part(name);
-    let status = |key: &str| r.status(key);
-    let number = |key: &str| r.number(key);
-    let json = |name: &str| r.json(name);
-    let (src_err, dst_err) = (part("SRC-ERR"), part("DST-ERR"));
-    let (src_out, dst_out) = (part("SRC-OUT"), part("DST-OUT"));
+    let (src_err, dst_err) = (r.part("SRC-ERR"), r.part("DST-ERR"));
+    let (src_out, dst_out) = (r.part("SRC-OUT"), r.part("DST-OUT"));
 
     // The inflation took effect on the source.
-    assert_eq!(status("SRC-SET-STATUS="), "0", "balloon set 128M\n{logs}");
+    assert_eq!(r.status("SRC-SET-STATUS="), "0", "balloon set 128M\n{logs}");
     assert_eq!(
-        number("SRC-ACTUAL="),
+        r.number("SRC-ACTUAL="),
         INFLATE_BYTES,
         "the source's balloon did not reach 128M\n{logs}"
     );
-    let (avail_before, avail_inflated) = (number("AVAIL-BEFORE="), number("AVAIL-INFLATED="));
+    let (avail_before, avail_inflated) = (r.number("AVAIL-BEFORE="), r.number("AVAIL-INFLATED="));
     assert!(
         avail_inflated + 100 * 1024 < avail_before,
         "inflate by 128M: MemAvailable {avail_before} -> {avail_inflated} KiB\n{logs}"
     );
 
     // The migration, with the balloon's pages sent without contents.
-    assert_eq!(status("MIGRATE-STATUS="), "0", "migrate send\n{logs}");
-    let mig = json("MIG-OUT");
+    assert_eq!(r.status("MIGRATE-STATUS="), "0", "migrate send\n{logs}");
+    let mig = r.json("MIG-OUT");
     assert_eq!(mig["phase"], "completed", "{logs}");
     let ballooned = mig["ballooned_pages"].as_u64().unwrap_or(0);
     let balloon_pages = INFLATE_BYTES / host_page;
@@ -279,38 +253,16 @@ echo CASE-END
         ballooned * 10 >= balloon_pages * 9,
         "only {ballooned} of the balloon's {balloon_pages} pages went as ballooned zero runs\n{logs}"
     );
-    assert_eq!(
-        status("SRC-STATUS="),
-        "0",
-        "the source's exit status\n{logs}"
-    );
-    assert!(
-        src_err.contains("the guest was migrated and runs on the destination"),
-        "{logs}"
-    );
-    assert!(dst_err.contains("the guest runs here"), "{logs}");
+    assert_handed_over(r.status("SRC-STATUS="), src_err, dst_err, logs);
 
     // The ticks go on on the destination, one sequence, booted once.
-    assert_eq!(src_out.matches(MARKER).count(), 1, "{logs}");
-    assert!(
-        !dst_out.contains(MARKER) && !dst_out.contains("Linux version"),
-        "the destination rebooted\n{logs}"
-    );
-    let all = avail_ticks(&format!("{src_out}{dst_out}"));
-    let seq: Vec<u64> = all.iter().map(|&(tick, _)| tick).collect();
-    let expected: Vec<u64> = (0..seq.len() as u64).collect();
-    assert_eq!(seq, expected, "the ticks are not one sequence\n{logs}");
-    let on_src = avail_ticks(src_out).len();
-    assert!(on_src >= 4, "too few ticks on the source\n{logs}");
-    assert!(
-        all.len() >= on_src + 6,
-        "too few ticks on the destination\n{logs}"
-    );
+    assert_booted_once(src_out, dst_out, logs);
+    assert_avail_ticks_go_on(src_out, dst_out, logs);
 
     // The destination's balloon: the inflated state arrived, the guest's statistics
     // refresh, and deflating gives the guest its memory back.
-    assert_eq!(status("DST-STATS-STATUS="), "0", "balloon stats\n{logs}");
-    let (stats1, stats2) = (json("DST-STATS1"), json("DST-STATS2"));
+    assert_eq!(r.status("DST-STATS-STATUS="), "0", "balloon stats\n{logs}");
+    let (stats1, stats2) = (r.json("DST-STATS1"), r.json("DST-STATS2"));
     eprintln!(
         "destination balloon stats: actual_bytes={} target_bytes={} updates {} -> {} \
          available_memory {} -> {}",
@@ -336,10 +288,10 @@ echo CASE-END
         stats2["stats"]["available_memory"].as_u64().is_some(),
         "{logs}"
     );
-    assert_eq!(status("DST-SET-STATUS="), "0", "balloon set 0\n{logs}");
-    let avail_dst_inflated = number("AVAIL-DST-INFLATED=");
-    let avail_deflated = number("AVAIL-DEFLATED=");
-    let deflate_seconds = number("DEFLATE-SECONDS=");
+    assert_eq!(r.status("DST-SET-STATUS="), "0", "balloon set 0\n{logs}");
+    let avail_dst_inflated = r.number("AVAIL-DST-INFLATED=");
+    let avail_deflated = r.number("AVAIL-DEFLATED=");
+    let deflate_seconds = r.number("DEFLATE-SECONDS=");
     eprintln!(
         "guest MemAvailable: {avail_before} KiB before, {avail_inflated} inflated on the source, \
          {avail_dst_inflated} on the destination, {avail_deflated} after deflating there \
@@ -354,14 +306,9 @@ echo CASE-END
         "deflate took {deflate_seconds} s\n{logs}"
     );
     assert_eq!(
-        number("DST-ACTUAL="),
+        r.number("DST-ACTUAL="),
         0,
         "the destination's balloon did not deflate\n{logs}"
     );
-    assert_eq!(status("DST-SHUTDOWN="), "0", "vm shutdown\n{logs}");
-    assert_eq!(
-        status("DST-STATUS="),
-        "0",
-        "the destination's exit status\n{logs}"
-    );
+    assert_shut_down(r.status("DST-SHUTDOWN="), r.status("DST-STATUS="), logs);
 }

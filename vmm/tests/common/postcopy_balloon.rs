@@ -5,9 +5,10 @@
 
 use std::time::Duration;
 
-use rangevm_tests::MARKER;
-
-use crate::linux_guest::{avail_ticks, Report, Setup};
+use crate::linux_guest::{
+    assert_avail_ticks_go_on, assert_booted_once, assert_handed_over, assert_shut_down, Report,
+    Setup,
+};
 
 /// MiB of random data the guest writes to a tmpfs file before the migration (0: none),
 /// so that the background push has real pages to send.
@@ -135,38 +136,25 @@ echo CASE-END
         ],
     );
     let logs = &r.logs;
-    let part = |name: &str| r.part(name);
-    let status = |key: &str| r.status(key);
-    let number = |key: &str| r.number(key);
-    let json = |name: &str| r.json(name);
-    let (src_err, dst_err) = (part("SRC-ERR"), part("DST-ERR"));
-    let (src_out, dst_out) = (part("SRC-OUT"), part("DST-OUT"));
+    let (src_err, dst_err) = (r.part("SRC-ERR"), r.part("DST-ERR"));
+    let (src_out, dst_out) = (r.part("SRC-OUT"), r.part("DST-OUT"));
 
     // The migration started and the source ended as a migrated source.
-    assert_eq!(status("MIGRATE-STATUS="), "0", "migrate send\n{logs}");
-    let src_st = json("SRC-ST");
+    assert_eq!(r.status("MIGRATE-STATUS="), "0", "migrate send\n{logs}");
+    let src_st = r.json("SRC-ST");
     assert!(
         src_st["phase"] == "postcopy" || src_st["phase"] == "completed",
         "the source's last status\n{logs}"
     );
-    assert_eq!(
-        status("SRC-STATUS="),
-        "0",
-        "the source's exit status\n{logs}"
-    );
-    assert!(
-        src_err.contains("the guest was migrated and runs on the destination"),
-        "{logs}"
-    );
+    assert_handed_over(r.status("SRC-STATUS="), src_err, dst_err, logs);
     assert!(
         src_err.contains("Postcopy migration completed"),
         "the source did not complete the postcopy\n{logs}"
     );
-    assert!(dst_err.contains("the guest runs here"), "{logs}");
     assert!(dst_err.contains("postcopy complete"), "{logs}");
 
     // Every page arrived, each checked against the source's digest.
-    let fin = json("DST-FINAL");
+    let fin = r.json("DST-FINAL");
     let pc = &fin["postcopy"];
     assert_eq!(fin["phase"], "completed", "{logs}");
     assert_eq!(pc["phase"], "completed", "{logs}");
@@ -176,17 +164,21 @@ echo CASE-END
     assert!(pc["error"].is_null(), "{logs}");
 
     // The inflate on the destination, and when it happened.
-    let phase_seen = status("DST-PHASE-SEEN=");
-    let at_set = json("DST-ST-SET");
-    let phase_after_set = status("DST-PHASE-AFTER-SET=");
-    let phase_at_inflated = status("DST-PHASE-AT-INFLATED=");
-    assert_eq!(status("DST-SET1-STATUS="), "0", "balloon set 128M\n{logs}");
+    let phase_seen = r.status("DST-PHASE-SEEN=");
+    let at_set = r.json("DST-ST-SET");
+    let phase_after_set = r.status("DST-PHASE-AFTER-SET=");
+    let phase_at_inflated = r.status("DST-PHASE-AT-INFLATED=");
     assert_eq!(
-        number("DST-ACTUAL-INFLATED="),
+        r.status("DST-SET1-STATUS="),
+        "0",
+        "balloon set 128M\n{logs}"
+    );
+    assert_eq!(
+        r.number("DST-ACTUAL-INFLATED="),
         INFLATE_BYTES,
         "the destination's balloon did not reach 128M\n{logs}"
     );
-    let (avail_before, avail_inflated) = (number("AVAIL-BEFORE="), number("AVAIL-INFLATED="));
+    let (avail_before, avail_inflated) = (r.number("AVAIL-BEFORE="), r.number("AVAIL-INFLATED="));
     assert!(
         avail_inflated + 100 * 1024 < avail_before,
         "inflate by 128M: MemAvailable {avail_before} -> {avail_inflated} KiB\n{logs}"
@@ -194,50 +186,32 @@ echo CASE-END
     let during = at_set["phase"] == "postcopy" && phase_after_set == "postcopy";
 
     // The balloon's pages read as zero once every page is in.
-    assert_eq!(status("DST-CHECK-STATUS="), "0", "balloon check\n{logs}");
-    let check = json("CHECK");
+    assert_eq!(r.status("DST-CHECK-STATUS="), "0", "balloon check\n{logs}");
+    let check = r.json("CHECK");
     let ballooned = check["ballooned_pages"].as_u64().unwrap_or(0);
     assert!(ballooned > 0, "the balloon holds no page\n{logs}");
     assert_eq!(check["nonzero_pages"], 0, "{logs}");
 
     // Deflating gives the guest its memory back.
-    assert_eq!(status("DST-SET2-STATUS="), "0", "balloon set 0\n{logs}");
-    let avail_deflated = number("AVAIL-DEFLATED=");
-    let deflate_seconds = number("DEFLATE-SECONDS=");
+    assert_eq!(r.status("DST-SET2-STATUS="), "0", "balloon set 0\n{logs}");
+    let avail_deflated = r.number("AVAIL-DEFLATED=");
+    let deflate_seconds = r.number("DEFLATE-SECONDS=");
     assert!(
         avail_deflated > avail_inflated + 100 * 1024,
         "deflate on the destination: MemAvailable {avail_inflated} -> {avail_deflated} KiB\n{logs}"
     );
     assert_eq!(
-        number("DST-ACTUAL-DEFLATED="),
+        r.number("DST-ACTUAL-DEFLATED="),
         0,
         "the destination's balloon did not deflate\n{logs}"
     );
 
     // The ticks go on on the destination, one sequence, booted once.
-    assert_eq!(src_out.matches(MARKER).count(), 1, "{logs}");
-    assert!(
-        !dst_out.contains(MARKER) && !dst_out.contains("Linux version"),
-        "the destination rebooted\n{logs}"
-    );
-    let all = avail_ticks(&format!("{src_out}{dst_out}"));
-    let seq: Vec<u64> = all.iter().map(|&(tick, _)| tick).collect();
-    let expected: Vec<u64> = (0..seq.len() as u64).collect();
-    assert_eq!(seq, expected, "the ticks are not one sequence\n{logs}");
-    let on_src = avail_ticks(src_out).len();
-    assert!(on_src >= 4, "too few ticks on the source\n{logs}");
-    assert!(
-        all.len() >= on_src + 6,
-        "too few ticks on the destination\n{logs}"
-    );
+    assert_booted_once(src_out, dst_out, logs);
+    let (seq, on_src) = assert_avail_ticks_go_on(src_out, dst_out, logs);
 
     // The destination shuts down cleanly.
-    assert_eq!(status("DST-SHUTDOWN="), "0", "vm shutdown\n{logs}");
-    assert_eq!(
-        status("DST-STATUS="),
-        "0",
-        "the destination's exit status\n{logs}"
-    );
+    assert_shut_down(r.status("DST-SHUTDOWN="), r.status("DST-STATUS="), logs);
 
     eprintln!(
         "guest {guest_memory}, {FILL_MIB} MiB filled from urandom before the migration; \
@@ -265,7 +239,7 @@ echo CASE-END
         src_st["downtime_ms"],
         src_st["total_ms"],
         src_st["bytes_sent"],
-        status("DST-PHASE-FINAL=")
+        r.status("DST-PHASE-FINAL=")
     );
     eprintln!(
         "balloon set 128M: destination phase {} before, {phase_after_set} after, \
