@@ -25,6 +25,8 @@ use super::status::{MigrationStatus, Phase, SharedStatus};
 use super::transport::{MigrationAddr, Stream, TransportError};
 use crate::machine::MachineState;
 
+/// RAM whose page digests go in one `PageDigests` message (`--verify`).
+const DIGEST_FLUSH_BYTES: u64 = 64 << 20;
 /// How long to wait for the destination to connect, accept the header or answer.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a write may block (a destination that stopped reading).
@@ -901,7 +903,12 @@ impl Sender {
                     digests.digests.push(Crc32c::of(p));
                 }
                 gpa += count * page;
+                // A message per DIGEST_FLUSH_BYTES of RAM, so the stream keeps moving
+                // while the digests are computed (on a slow host all of RAM takes
+                // longer than the destination waits for a silent source).
+                let covered = digests.digests.len() as u64 * page;
                 if digests.digests.len() >= usize::try_from(MAX_DIGESTS).unwrap_or(0)
+                    || covered >= DIGEST_FLUSH_BYTES
                     || gpa >= r.end()
                 {
                     let next = PageDigests {
